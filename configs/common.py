@@ -1,0 +1,80 @@
+"""Shared pieces of the configs: arg-string parsing and the model section.
+
+A config file's `get_config(arg)` takes an arg string such as
+`variant=B/16,merger=8@6,classifier=gap` (the text after `:` in
+`--config=configs/X.py:...`). Every key must be one the config declares.
+"""
+from typing import Any, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_merger(spec: str) -> Any:
+  """'none' -> None; '8' -> M=8 halfway; '8@3' -> M=8 before block 3;
+  '16@4+8@8' -> two mergers."""
+  spec = spec.strip().lower()
+  if spec in ('', 'none', 'off', '0'):
+    return None
+  mergers = []
+  for part in spec.split('+'):
+    tokens, _, block = part.partition('@')
+    try:
+      mergers.append(dict(num_tokens=int(tokens),
+                          before_block=int(block) if block else None))
+    except ValueError:
+      raise ValueError(f'Bad merger spec {spec!r}: expected M, M@BLOCK or '
+                       'M@BLOCK+M@BLOCK (e.g. 8@6), or none.') from None
+  return mergers[0] if len(mergers) == 1 else tuple(mergers)
+
+
+def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
+  """'a=1,b=x' -> ConfigDict, values typed like the defaults; unknown keys fail."""
+  result = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ValueError(f'Unknown config argument {item!r}; this config takes '
+                       f'{", ".join(f"{k}=..." for k in defaults)}.')
+    default = defaults[key]
+    if isinstance(default, bool):
+      result[key] = value.lower() in ('1', 'true', 'yes')
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+      result[key] = type(default)(value)
+    else:
+      result[key] = value
+  return ml_collections.ConfigDict(result)
+
+
+def merger_config(spec: str) -> Any:
+  """The `model.merger` entry: a ConfigDict for one merger (so that
+  `--config.model.merger.num_tokens=16` works), a tuple for several, or None."""
+  merger = parse_merger(spec)
+  if isinstance(merger, dict):
+    merger = ml_collections.ConfigDict(dict(
+        num_tokens=merger['num_tokens'],
+        before_block=(config_dict.placeholder(int) if merger['before_block'] is None
+                      else merger['before_block'])))
+  return merger
+
+
+def model_config(variant: str, merger: str, **fields: Any) -> ml_collections.ConfigDict:
+  """The `model` section. Sizes default to the variant's; set width, depth,
+  mlp_dim or num_heads to override them (e.g. tiny widths in tests)."""
+  return ml_collections.ConfigDict(dict(
+      variant=variant,                           # NAME/PATCH, e.g. B/16
+      width=config_dict.placeholder(int),
+      depth=config_dict.placeholder(int),
+      mlp_dim=config_dict.placeholder(int),
+      num_heads=config_dict.placeholder(int),
+      merger=merger_config(merger),              # None: plain ViT
+      classifier='token',                        # token | gap | map
+      posemb='learn',                            # learn | sincos2d
+      conv_stem=(),                              # channels of 3x3/2 convs
+      representation_size=config_dict.placeholder(int),
+      dropout_rate=0.0,
+      attention_dropout_rate=0.0,
+      merge_normalized=True,
+      dtype='float32',                           # compute dtype; params stay f32
+  ) | fields)

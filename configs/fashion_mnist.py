@@ -1,0 +1,53 @@
+r"""The embedded default: a small ViT + PatchMerger on real Fashion-MNIST, CPU.
+
+  python train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
+  python train.py --config=configs/fashion_mnist.py:merger=none --workdir=/tmp/plain
+  python train.py --config=configs/fashion_mnist.py:variant=S/4 --config.model.width=256 ...
+
+Arg string keys: variant (NAME/PATCH; sizes below override the name's), merger
+(M, M@BLOCK, M@B+M@B or none), steps.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, variant='Ti/4', merger='8', steps=3000)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: TFDS `fashion_mnist`, prepared offline from Debian's package on first use.
+  config.dataset = 'fashion_mnist'
+  config.data_dir = None               # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.train_split = 'train'
+  config.test_split = 'test'
+  config.num_classes = 10
+  config.input = ml_collections.ConfigDict(dict(
+      image_size=28, channels=1, augment='none', shuffle_buffer=60_000,
+      mean=0.286, std=0.353))          # Fashion-MNIST pixel statistics
+
+  # Model: 49 tokens from a two-convolution stem, one merger to 8 tokens.
+  config.model = common.model_config(
+      arg.variant, arg.merger, width=128, depth=6, mlp_dim=256, num_heads=4,
+      classifier='gap', conv_stem=(32,))
+
+  # Optimisation.
+  config.batch_size = 128              # global, over all devices and hosts
+  config.total_steps = arg.steps
+  config.accum_steps = 1
+  config.loss = 'softmax_xent'         # softmax_xent | sigmoid_xent
+  config.label_smoothing = 0.0
+  config.optim = ml_collections.ConfigDict(dict(
+      name='adamw', b1=0.9, b2=0.999, weight_decay=0.05, clip_norm=1.0))
+  config.lr = ml_collections.ConfigDict(dict(
+      base=1e-3, warmup_steps=200, decay='cosine', end_value=0.0))
+
+  # Loop.
+  config.log_every = 50
+  config.eval_every = 1000
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.distributed = False           # call jax.distributed.initialize()
+  return config

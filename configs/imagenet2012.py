@@ -1,0 +1,46 @@
+r"""Upstream training on ImageNet-1k from scratch (needs manual TFDS preparation).
+
+ViT recipe on ImageNet-1k as in big_vision's `vit_i1k`: AdamW, weight decay
+0.0001 decoupled, batch 4096, 90 epochs, cosine decay, GAP head.
+
+  python train.py --config=configs/imagenet2012.py:variant=S/16 --workdir=...
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, variant='S/16', merger='8', epochs=90)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = 'imagenet2012'
+  config.data_dir = None
+  config.train_split = 'train[:99%]'
+  config.test_split = 'validation'
+  config.num_classes = 1000
+  config.input = ml_collections.ConfigDict(dict(
+      image_size=224, channels=3, augment='inception_crop_flip',
+      shuffle_buffer=250_000, mean=0.5, std=0.5))
+
+  config.model = common.model_config(arg.variant, arg.merger, classifier='gap',
+                                     posemb='sincos2d')
+
+  config.batch_size = 1024
+  config.total_steps = int(arg.epochs * 1_268_355 / 1024)
+  config.accum_steps = 1
+  config.loss = 'softmax_xent'
+  config.label_smoothing = 0.0
+  config.optim = ml_collections.ConfigDict(dict(
+      name='adamw', b1=0.9, b2=0.999, weight_decay=0.0001, clip_norm=1.0))
+  config.lr = ml_collections.ConfigDict(dict(
+      base=1e-3, warmup_steps=10_000, decay='cosine', end_value=0.0))
+
+  config.log_every = 50
+  config.eval_every = 2500
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.distributed = True
+  return config

@@ -1,0 +1,47 @@
+r"""Paper-style upstream pretraining on ImageNet-21k (needs the data and accelerators).
+
+The PatchMerger paper pretrains ViTs upstream with the standard ViT recipe:
+Adam (0.9, 0.999), weight decay 0.1, linear warm-up then decay, sigmoid
+cross-entropy, batch 4096, 224px; one merger halfway with M=8.
+
+  python train.py --config=configs/imagenet21k.py:variant=B/16 --workdir=gs://...
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = None) -> ml_collections.ConfigDict:
+  arg = common.parse_arg(arg, variant='B/16', merger='8', epochs=90)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = 'imagenet21k'       # TFDS name; prepare it as TFDS documents
+  config.data_dir = None
+  config.train_split = 'full[51200:]'
+  config.test_split = 'full[:51200]'
+  config.num_classes = 21843
+  config.input = ml_collections.ConfigDict(dict(
+      image_size=224, channels=3, augment='inception_crop_flip',
+      shuffle_buffer=250_000, mean=0.5, std=0.5))
+
+  config.model = common.model_config(arg.variant, arg.merger,
+                                     classifier='token', representation_size=768)
+
+  config.batch_size = 4096
+  config.total_steps = int(arg.epochs * 13_000_000 / 4096)
+  config.accum_steps = 1
+  config.loss = 'sigmoid_xent'
+  config.label_smoothing = 0.0
+  config.optim = ml_collections.ConfigDict(dict(
+      name='adamw', b1=0.9, b2=0.999, weight_decay=0.1, clip_norm=1.0))
+  config.lr = ml_collections.ConfigDict(dict(
+      base=1e-3, warmup_steps=10_000, decay='linear', end_value=1e-5))
+
+  config.log_every = 50
+  config.eval_every = 5000
+  config.checkpoint_every = 1000
+  config.keep_checkpoints = 3
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.distributed = True
+  return config

@@ -1,0 +1,1 @@
+"""patchmerger: Vision Transformers with learned token merging (Renggli et al., 2022)."""

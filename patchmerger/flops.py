@@ -1,0 +1,73 @@
+"""FLOPs and parameter counts: measured (XLA cost analysis) and analytic."""
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from patchmerger.models.vit import VisionTransformer
+
+
+def count_params(params: Any) -> dict:
+  """Total parameters and the PatchMergers' share of them."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  total = sum(int(np.prod(v.shape)) for v in flat.values())
+  merger = sum(int(np.prod(v.shape)) for k, v in flat.items() if '/patchmerger_' in k)
+  return dict(total=total, merger=merger)
+
+
+def _cost_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax returns one dict per device.
+    cost = cost[0]
+  return float(cost['flops'])
+
+
+def measured_gflops(model: VisionTransformer, image_shape: tuple[int, int, int],
+                    batch_size: int = 1) -> float:
+  """GFLOPs per image of the jitted forward pass, from XLA's cost analysis."""
+  images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  compiled = jax.jit(model.apply).lower(variables, images).compile()
+  return _cost_flops(compiled) / batch_size / 1e9
+
+
+def analytic_gflops(model: VisionTransformer, image_shape: tuple[int, int, int]) -> float:
+  """GFLOPs per image counting the matmuls only (2 FLOPs per multiply-add).
+
+  Blocks before a merger see N tokens, blocks after it see its M (plus the class
+  token, which is carried past mergers). Elementwise work (norms, softmax,
+  GELU) is left out: it is a few percent at ViT widths.
+  """
+  height, width, channels = image_shape
+  d, p = model.width, model.patch_size
+  cls = 1 if model.classifier == 'token' else 0
+  tokens = (height // p) * (width // p)
+  if model.conv_stem:
+    raise ValueError('analytic_gflops covers the plain patchify stem only')
+  macs = tokens * p * p * channels * d  # Patch embedding.
+  mergers = dict(model.mergers)
+  for block in range(model.depth):
+    if block in mergers:
+      m = mergers[block]
+      macs += 2 * tokens * m * d  # Scores plus weighted sums.
+      tokens = m
+    n = tokens + cls
+    macs += 4 * n * d * d + 2 * n * n * d + 2 * n * d * model.mlp_dim
+  if model.classifier == 'map':
+    n = tokens + cls
+    macs += 2 * d * d + 2 * n * d * d + 2 * n * d + 2 * d * model.mlp_dim
+  if model.representation_size is not None:
+    macs += d * model.representation_size
+    d = model.representation_size
+  macs += d * model.num_classes
+  return 2 * macs / 1e9
+
+
+def report(model: VisionTransformer, image_shape: tuple[int, int, int]) -> Mapping[str, float]:
+  """GFLOPs per image and parameter counts of one model."""
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  return dict(gflops=measured_gflops(model, image_shape),
+              **{f'params_{k}': v for k, v in count_params(variables['params']).items()})

@@ -1,0 +1,61 @@
+"""Models: the PatchMerger module and the ViT that hosts it."""
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax.numpy as jnp
+
+from patchmerger.models.patch_merger import PatchMerger
+from patchmerger.models.vit import VisionTransformer, parse_variant
+
+MergerSpec = Union[None, Mapping[str, Any], Sequence[Mapping[str, Any]]]
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def resolve_mergers(merger: MergerSpec, depth: int) -> tuple[tuple[int, int], ...]:
+  """Config merger spec -> sorted (before_block, num_tokens) pairs.
+
+  `merger` is None (no merger), one mapping {num_tokens, before_block}, or a
+  sequence of them. before_block=None means halfway: before block depth // 2.
+  """
+  if merger is None:
+    return ()
+  as_dict = lambda spec: spec.to_dict() if hasattr(spec, 'to_dict') else dict(spec)
+  single = isinstance(merger, Mapping) or hasattr(merger, 'to_dict')
+  specs = [merger] if single else list(merger)
+  pairs = []
+  for spec in map(as_dict, specs):
+    unknown = set(spec) - {'num_tokens', 'before_block'}
+    if unknown:
+      raise ValueError(f'Unknown merger field(s) {sorted(unknown)}; expected '
+                       'num_tokens and before_block.')
+    before_block = spec.get('before_block')
+    pairs.append((depth // 2 if before_block is None else int(before_block),
+                  int(spec['num_tokens'])))
+  return tuple(sorted(pairs))
+
+
+def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTransformer:
+  """Builds the ViT described by a config's `model` section."""
+  arch = parse_variant(model_config['variant'])
+  for key in ('width', 'depth', 'mlp_dim', 'num_heads'):
+    if model_config.get(key) is not None:  # Explicit sizes override the variant's.
+      arch[key] = int(model_config[key])
+  dtype = model_config.get('dtype', 'float32')
+  if dtype not in DTYPES:
+    raise ValueError(f'model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+  representation_size: Optional[int] = model_config.get('representation_size')
+  return VisionTransformer(
+      num_classes=num_classes,
+      mergers=resolve_mergers(model_config.get('merger'), arch['depth']),
+      classifier=model_config.get('classifier', 'token'),
+      posemb=model_config.get('posemb', 'learn'),
+      conv_stem=tuple(model_config.get('conv_stem') or ()),
+      representation_size=representation_size,
+      dropout_rate=model_config.get('dropout_rate', 0.),
+      attention_dropout_rate=model_config.get('attention_dropout_rate', 0.),
+      merge_normalized=model_config.get('merge_normalized', True),
+      dtype=DTYPES[dtype],
+      **arch)
+
+
+__all__ = ['PatchMerger', 'VisionTransformer', 'build_model', 'parse_variant',
+           'resolve_mergers']

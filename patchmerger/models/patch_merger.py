@@ -1,0 +1,45 @@
+"""The PatchMerger module (Renggli et al., 2022, arXiv 2202.12015).
+
+Maps N input tokens to M output tokens. Each output is a convex combination of
+the inputs, with weights given by a softmax over the N inputs of learned
+per-output scores:  Y = softmax_N(W^T LN(X)^T) LN(X).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class PatchMerger(nn.Module):
+  """Learned merging of [batch, N, D] tokens into [batch, M, D] tokens.
+
+  Attributes:
+    num_tokens: M, the number of output tokens (independent of N).
+    merge_normalized: average the layer-normalised tokens (as in the paper's
+      description) rather than the raw residual stream.
+    dtype: compute dtype of the matmuls; the softmax is always float32.
+
+  The merge weights [batch, M, N] are sown into the 'intermediates' collection
+  under 'merge_weights', so callers can inspect or plot them with
+  `model.apply(..., mutable=['intermediates'])`.
+  """
+  num_tokens: int
+  merge_normalized: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if x.ndim != 3:
+      raise ValueError(f'PatchMerger expects [batch, tokens, dim], got {x.shape}')
+    normed = nn.LayerNorm(name='LayerNorm_0', dtype=self.dtype)(x)
+    # The learned "queries": one column of D weights per output token.
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (x.shape[-1], self.num_tokens), jnp.float32)
+    scores = jnp.einsum('bnd,dm->bmn', normed, kernel.astype(self.dtype))
+    weights = nn.softmax(scores.astype(jnp.float32), axis=-1)
+    self.sow('intermediates', 'merge_weights', weights)
+    values = normed if self.merge_normalized else x
+    return jnp.einsum('bmn,bnd->bmd', weights.astype(self.dtype),
+                      values.astype(self.dtype))
