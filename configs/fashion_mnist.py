@@ -8,29 +8,33 @@ Arg string keys: variant (NAME/PATCH; sizes below override the name's), merger
 (M, M@BLOCK, M@B+M@B or none), steps.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='Ti/4', merger='8', steps=3000)
+  arg = common.parse_arg(arg, variant='Ti/8', merger='8', steps=2500)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
   # Data: TFDS `fashion_mnist`, prepared offline from Debian's package on first use.
   config.dataset = 'fashion_mnist'
-  config.data_dir = None               # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data_dir = config_dict.placeholder(str)              # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.train_split = 'train'
   config.test_split = 'test'
   config.num_classes = 10
   config.input = ml_collections.ConfigDict(dict(
-      image_size=28, channels=1, augment='none', shuffle_buffer=60_000,
-      mean=0.286, std=0.353))          # Fashion-MNIST pixel statistics
+      image_size=32, channels=1, augment='none', shuffle_buffer=60_000,
+      mean=0.286, std=0.353,           # Fashion-MNIST pixel statistics
+      data_threads=1))                 # 2 cores: leave them to the training step
 
-  # Model: 49 tokens from a two-convolution stem, one merger to 8 tokens.
+  # Model: 28px images resized to 32, an early-convolution stem (two 3x3/2
+  # convolutions, then the 3x3/2 `embedding`) gives 4x4 = 16 tokens; one
+  # PatchMerger halfway (before block 3 of 6) merges them into 8.
   config.model = common.model_config(
       arg.variant, arg.merger, width=128, depth=6, mlp_dim=256, num_heads=4,
-      classifier='gap', conv_stem=(32,))
+      classifier='gap', conv_stem=(32, 64))
 
   # Optimisation.
   config.batch_size = 128              # global, over all devices and hosts
@@ -45,7 +49,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
 
   # Loop.
   config.log_every = 50
-  config.eval_every = 1000
+  config.eval_every = 1250
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))

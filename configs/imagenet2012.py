@@ -6,6 +6,7 @@ ViT recipe on ImageNet-1k as in big_vision's `vit_i1k`: AdamW, weight decay
   python train.py --config=configs/imagenet2012.py:variant=S/16 --workdir=...
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -16,13 +17,14 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.dataset = 'imagenet2012'
-  config.data_dir = None
+  config.data_dir = config_dict.placeholder(str)
   config.train_split = 'train[:99%]'
   config.test_split = 'validation'
   config.num_classes = 1000
   config.input = ml_collections.ConfigDict(dict(
       image_size=224, channels=3, augment='inception_crop_flip',
-      shuffle_buffer=250_000, mean=0.5, std=0.5))
+      shuffle_buffer=250_000, mean=0.5, std=0.5,
+      data_threads=0))                 # 0: tf.data autotunes its threads
 
   config.model = common.model_config(arg.variant, arg.merger, classifier='gap',
                                      posemb='sincos2d')

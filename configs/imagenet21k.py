@@ -7,6 +7,7 @@ cross-entropy, batch 4096, 224px; one merger halfway with M=8.
   python train.py --config=configs/imagenet21k.py:variant=B/16 --workdir=gs://...
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -17,13 +18,14 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.dataset = 'imagenet21k'       # TFDS name; prepare it as TFDS documents
-  config.data_dir = None
+  config.data_dir = config_dict.placeholder(str)
   config.train_split = 'full[51200:]'
   config.test_split = 'full[:51200]'
   config.num_classes = 21843
   config.input = ml_collections.ConfigDict(dict(
       image_size=224, channels=3, augment='inception_crop_flip',
-      shuffle_buffer=250_000, mean=0.5, std=0.5))
+      shuffle_buffer=250_000, mean=0.5, std=0.5,
+      data_threads=0))                 # 0: tf.data autotunes its threads
 
   config.model = common.model_config(arg.variant, arg.merger,
                                      classifier='token', representation_size=768)

@@ -1,0 +1,43 @@
+r"""Evaluates the latest (or a given) checkpoint of a run on its test split.
+
+  python eval.py --config=configs/fashion_mnist.py --workdir=workdirs/fashion_mnist
+
+Prints test accuracy and loss and writes WORKDIR/eval.json.
+"""
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from patchmerger import cli
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the run.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds checkpoints/).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from patchmerger.data import local
+  from patchmerger.training import loop
+
+  def run():
+    config = _CONFIG.value
+    loop.validate(config)
+    builder = local.ensure_prepared(config.dataset, config.data_dir)
+    results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value)
+    with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+    print(f'Checkpoint step {results["step"]}: test accuracy {results["test/accuracy"]:.4f}, '
+          f'test loss {results["test/loss"]:.4f} on {results["test/examples"]} examples.')
+
+  cli.run_reporting_errors(run)
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.WARNING)
+  app.run(main, flags_parser=cli.parse_flags)

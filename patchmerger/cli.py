@@ -1,0 +1,53 @@
+"""Shared behaviour of the command-line entry points: one clear line per bad input."""
+import logging as std_logging
+import re
+import sys
+from typing import Callable, NoReturn
+
+from absl import flags
+
+# Errors that mean "the input is wrong", reported as one line; anything else is a
+# bug of ours and keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, AttributeError, FileNotFoundError, PermissionError,
+               FloatingPointError, RuntimeError)
+
+
+def fail(message: str) -> NoReturn:
+  sys.stderr.write(f'error: {message}\n')
+  sys.exit(2)
+
+
+def _innermost_message(text: str) -> str:
+  """The last 'SomeError: message' line of a (possibly embedded) traceback."""
+  text = text.encode().decode('unicode_escape', errors='ignore')
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  matches = [l for l in lines if re.match(r'^[\w.]*(Error|Exception): ', l)]
+  line = matches[-1] if matches else lines[-1] if lines else text
+  return re.sub(r"^[\w.]*(Error|Exception): ", '', line).strip('\'" ')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose config-file and override errors are one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_innermost_message(str(e)))
+  except (KeyError, AttributeError, ValueError, TypeError) as e:  # Bad --config.* override.
+    fail(f'bad config override: {_innermost_message(str(e))}')
+
+
+def run_reporting_errors(fn: Callable[[], None]) -> None:
+  """Runs `fn`; a user error ends the program with one line and exit code 2."""
+  try:
+    fn()
+  except USER_ERRORS as e:
+    message = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    fail(f'{message.splitlines()[0] if message else type(e).__name__}')
+
+
+class QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of orbax and TFDS internals; keeps their warnings."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    noisy = ('/orbax/', '/tensorflow_datasets/', 'signaling_client')
+    return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)

@@ -1,0 +1,122 @@
+"""TFDS -> tf.data -> per-process numpy batches.
+
+Training data is a pure function of (seed, step): each epoch is shuffled with
+its own seed, augmentation uses stateless ops keyed by the example's position
+in the stream, so resuming at step k reproduces the uninterrupted stream.
+"""
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+AUGMENTATIONS = ('none', 'flip_crop', 'inception_crop_flip')
+
+
+def _to_model_input(image: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Tensor:
+  size, channels = input_config['image_size'], input_config['channels']
+  image = tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
+  if image.shape[-1] == 1 and channels == 3:
+    image = tf.image.grayscale_to_rgb(image)
+  image = tf.image.resize(image, (size, size)) if image.shape[:2] != (size, size) else image
+  return (image - input_config['mean']) / input_config['std']
+
+
+def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str, size: int) -> tf.Tensor:
+  """Random crop and flip with stateless ops; `seed` is a [2] int tensor."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  if kind == 'flip_crop':  # Pad by 1/8 of the size, crop back (CIFAR-style).
+    pad = max(1, size // 8)
+    image = tf.image.resize_with_crop_or_pad(image, size + 2 * pad, size + 2 * pad)
+    image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
+  elif kind == 'inception_crop_flip':
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seeds[0],
+        area_range=(0.05, 1.0), min_object_covered=0.0, use_image_if_no_bounding_boxes=True)
+    image = tf.slice(image, begin, crop_size)
+    image = tf.image.resize(image, (size, size))
+  return tf.image.stateless_random_flip_left_right(image, seeds[1])
+
+
+def train_batches(builder: tfds.core.DatasetBuilder, split: str,
+                  input_config: Mapping[str, Any], batch_size: int, seed: int,
+                  start_step: int = 0) -> Iterator[dict]:
+  """Endless numpy batches of this process's share of `split`, from `start_step`.
+
+  `batch_size` is the per-process batch.
+  """
+  kind = input_config['augment']
+  if kind not in AUGMENTATIONS:
+    raise ValueError(f'input.augment must be one of {AUGMENTATIONS}, got {kind!r}')
+  data = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
+  data = data.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  num_examples = int(data.cardinality())
+  if num_examples <= 0:
+    raise ValueError(f'Split {split!r} of {builder.name} has no examples for this process')
+  if num_examples <= 200_000:  # Small datasets live in memory after one read.
+    data = data.cache()
+  first_example = start_step * batch_size
+  first_epoch, offset = divmod(first_example, num_examples)
+  buffer = min(input_config['shuffle_buffer'], num_examples)
+
+  def epoch(index):  # Each epoch has its own, fixed, shuffle order.
+    return data.shuffle(buffer, seed=seed * 1_000_003 + index, reshuffle_each_iteration=False)
+
+  stream = tf.data.Dataset.range(first_epoch, 2 ** 40).flat_map(epoch).skip(offset)
+  stream = stream.enumerate(start=first_example)
+
+  def preprocess(index, example):
+    image = _to_model_input(example['image'], input_config)
+    if kind != 'none':
+      image = _augment(image, tf.stack([tf.cast(seed, tf.int64), index]), kind,
+                       input_config['image_size'])
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+
+  stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  stream = stream.batch(batch_size, drop_remainder=True).prefetch(2)
+  threads = input_config.get('data_threads')
+  if threads:  # On a small host, tf.data's threads would compete with the step.
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.autotune.enabled = False
+    stream = stream.with_options(options)
+  return stream.as_numpy_iterator()
+
+
+def eval_dataset(builder: tfds.core.DatasetBuilder, split: str,
+                 input_config: Mapping[str, Any], batch_size: int) -> tuple[tf.data.Dataset, int]:
+  """This process's share of `split`, batched, and the number of batches that
+  every process must run (the largest share decides, so that the sharded
+  evaluation step runs in lockstep across hosts)."""
+  data = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
+  num_examples = int(data.cardinality())
+  data = data.map(lambda ex: {'image': _to_model_input(ex['image'], input_config),
+                              'label': tf.cast(ex['label'], tf.int32)},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+  if num_examples <= 50_000:
+    data = data.cache()
+  local_batches = -(-num_examples // batch_size)
+  return data.batch(batch_size).prefetch(tf.data.AUTOTUNE), _max_over_processes(local_batches)
+
+
+def padded_batches(data: tf.data.Dataset, num_batches: int, batch_size: int) -> Iterator[dict]:
+  """Exactly `num_batches` full-size batches with a 0/1 'mask' for padding."""
+  template = None
+  iterator = data.as_numpy_iterator()
+  for _ in range(num_batches):
+    batch = next(iterator, None)
+    if batch is None:  # This process ran out: padding only.
+      batch = {k: v[:0] for k, v in template.items()}
+    template = batch
+    n = len(batch['label'])
+    pad = lambda v: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
+    yield {'image': pad(batch['image']), 'label': pad(batch['label']),
+           'mask': pad(np.ones((n,), np.float32))}
+
+
+def _max_over_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # Only needed on several hosts.
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value))))

@@ -1,0 +1,172 @@
+"""The training loop: config -> data -> model -> sharded steps -> checkpoints/metrics."""
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from clu import parameter_overview, periodic_actions
+
+from patchmerger import flops
+from patchmerger.data import input_pipeline
+from patchmerger.models import build_model
+from patchmerger.training import checkpoint, metrics, sharding, state as state_lib, step
+
+
+def _check_config(config: Any) -> None:
+  num_devices = jax.device_count()
+  if config.batch_size % num_devices:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
+                     f'{num_devices} devices.')
+  if config.batch_size % (config.accum_steps * num_devices):
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by accum_steps '
+                     f'{config.accum_steps} x {num_devices} devices.')
+  if config.total_steps < 1:
+    raise ValueError(f'total_steps must be >= 1, got {config.total_steps}')
+
+
+def validate(config: Any) -> None:
+  """Checks batch/mesh arithmetic and builds the model abstractly, so that bad
+  settings fail with one clear error before any data or compute."""
+  _check_config(config)
+  sharding.make_mesh(config.mesh)
+  model = build_model(config.model, config.num_classes)
+  images = jax.ShapeDtypeStruct(
+      (1, config.input.image_size, config.input.image_size, config.input.channels), jnp.float32)
+  jax.eval_shape(model.init, jax.random.key(0), images)
+
+
+def evaluate(eval_fn, params, eval_data, data_sharding, batch_size: int) -> dict:
+  """Test loss and accuracy over the whole split (padding masked out)."""
+  data, num_batches = eval_data
+  totals = None
+  for local in input_pipeline.padded_batches(data, num_batches, batch_size):
+    sums = eval_fn(params, sharding.global_batch(local, data_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  return {'test/loss': float(totals['loss_sum'] / totals['count']),
+          'test/accuracy': float(totals['correct'] / totals['count']),
+          'test/examples': int(totals['count'])}
+
+
+def _setup(config: Any):
+  """Model, mesh, shardings and the initial (abstract-shaped) train state."""
+  mesh = sharding.make_mesh(config.mesh)
+  image_shape = (config.input.image_size, config.input.image_size, config.input.channels)
+  model = build_model(config.model, config.num_classes)
+  init_rng = jax.random.split(jax.random.key(config.seed))[0]
+  create = functools.partial(state_lib.create_state, model, config, image_shape=image_shape)
+  state_sharding = sharding.fsdp_sharding(jax.eval_shape(create, init_rng), mesh)
+  state = jax.jit(create, out_shardings=state_sharding)(init_rng)
+  return model, mesh, image_shape, state, state_sharding
+
+
+def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBuilder,
+                        step_number: int = None) -> dict:
+  """Restores a checkpoint of `workdir` and evaluates it on the test split."""
+  _check_config(config)
+  model, mesh, _, state, state_sharding = _setup(config)
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  step_number = manager.latest_step() if step_number is None else step_number
+  if step_number is None:
+    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
+  state = checkpoint.restore(manager, step_number, state)
+  data_sharding = sharding.batch_sharding(mesh)
+  local_batch = config.batch_size // jax.process_count()
+  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
+                    in_shardings=(state_sharding.params, data_sharding))
+  eval_data = input_pipeline.eval_dataset(builder, config.test_split, config.input, local_batch)
+  return {'step': int(state.step),
+          **evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch)}
+
+
+def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -> dict:
+  """Trains (or resumes) `config` in `workdir`; returns the final metrics."""
+  tf.config.set_visible_devices([], 'GPU')  # tf.data must not grab accelerator memory.
+  _check_config(config)
+  is_main = jax.process_index() == 0
+  logging.info('JAX %s on %s: %d devices (%d local), process %d of %d', jax.__version__,
+               jax.default_backend(), jax.device_count(), jax.local_device_count(),
+               jax.process_index(), jax.process_count())
+  if is_main:
+    tf.io.gfile.makedirs(workdir)
+  writer = metrics.create_writer(workdir, is_main)
+
+  model, mesh, image_shape, state, state_sharding = _setup(config)
+  data_sharding = sharding.batch_sharding(mesh)
+  builder = builder or tfds.builder(config.dataset, data_dir=config.data_dir)
+  local_batch = config.batch_size // jax.process_count()
+  dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
+
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  restored = checkpoint.restore_latest(manager, state)
+  state = restored if restored is not None else state
+  start_step = int(state.step)
+
+  counts = flops.count_params(state.params)
+  gflops = flops.measured_gflops(model, image_shape)
+  if start_step == 0:
+    logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(state.params))
+  logging.info('Model: %s params (%d in mergers, %.3f%%), %.4f GFLOPs/image, mergers %s',
+               f'{counts["total"]:,}', counts['merger'],
+               100 * counts['merger'] / counts['total'], gflops, model.mergers)
+
+  train_fn = jax.jit(
+      functools.partial(step.train_step, loss=config.loss,
+                        label_smoothing=config.label_smoothing, accum_steps=config.accum_steps),
+      in_shardings=(state_sharding, data_sharding, sharding.replicated(mesh)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
+                    in_shardings=(state_sharding.params, data_sharding))
+  train_iter = input_pipeline.train_batches(builder, config.train_split, config.input,
+                                            local_batch, config.seed, start_step)
+  eval_data = input_pipeline.eval_dataset(builder, config.test_split, config.input, local_batch)
+
+  schedule = state_lib.learning_rate_schedule(config.lr, config.total_steps)
+  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_secs=None, every_steps=config.log_every)
+  summary = {}
+  pending = []
+  timer_start, excluded, timed_steps = None, 0.0, 0
+  for step_index in range(start_step + 1, config.total_steps + 1):
+    batch = sharding.global_batch(next(train_iter), data_sharding)
+    state, step_metrics = train_fn(state, batch, dropout_rng)
+    pending.append(step_metrics)
+    if timer_start is None:  # Leave compilation out of the speed.
+      jax.block_until_ready(state)
+      timer_start = time.perf_counter()
+    else:
+      timed_steps += 1
+    progress(step_index)
+    if step_index % config.log_every == 0 or step_index == config.total_steps:
+      means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+      pending = []
+      means['train/lr'] = float(schedule(step_index - 1))
+      elapsed = time.perf_counter() - timer_start - excluded
+      means['train/images_per_sec'] = timed_steps * config.batch_size / max(elapsed, 1e-9)
+      if not np.isfinite(means['train/loss']):
+        raise FloatingPointError(f'Non-finite train/loss ({means["train/loss"]}) at step '
+                                 f'{step_index}; last good checkpoint: {manager.latest_step()}')
+      writer.write_scalars(step_index, means)
+      summary.update(means)
+    t0 = time.perf_counter()  # Evaluation and checkpoints are not training time.
+    if step_index % config.eval_every == 0 or step_index == config.total_steps:
+      test_metrics = evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch)
+      writer.write_scalars(step_index, test_metrics)
+      summary.update(test_metrics)
+      logging.info('step %d: test accuracy %.4f, loss %.4f', step_index,
+                   test_metrics['test/accuracy'], test_metrics['test/loss'])
+    if step_index % config.checkpoint_every == 0 or step_index == config.total_steps:
+      checkpoint.save(manager, step_index, state)
+    excluded += time.perf_counter() - t0
+  if 'test/accuracy' not in summary:  # Resumed a finished run: report its result.
+    summary.update(evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch))
+  manager.wait_until_finished()
+  writer.flush()
+  summary.update(step=int(state.step), gflops_per_image=gflops, params=counts['total'])
+  return summary

@@ -1,0 +1,62 @@
+"""Metric writers: TensorBoard (clu) plus a machine-readable metrics.jsonl."""
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from clu import metric_writers
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends one JSON object per write: {"step": N, "name": value, ...}."""
+
+  def __init__(self, path: str):
+    self._file = open(path, 'a')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    record = {'step': int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricWriter:
+  """TensorBoard + console logging + metrics.jsonl on process 0; logging elsewhere."""
+  if not is_main_process:
+    return metric_writers.create_default_writer(workdir, just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
+  ])
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of DIR/metrics.jsonl, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,83 @@
+"""Device mesh, shardings and multi-process start-up.
+
+The mesh has two axes: 'data' (pure data parallelism) and 'fsdp' (data
+parallelism whose devices also split the parameters and optimizer state).
+Batches are split over both axes; parameters are sharded over 'fsdp' only.
+"""
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def maybe_initialize_distributed(requested: bool) -> None:
+  """Starts the multi-controller runtime when asked or when the environment
+  describes a cluster (SLURM, TPU pods and JAX_COORDINATOR_ADDRESS are detected
+  by jax.distributed itself)."""
+  if requested or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # Nothing described the cluster.
+      raise RuntimeError(
+          f'config.distributed=True but no cluster was found ({e}). On one host use '
+          '--config.distributed=False; on a cluster set JAX_COORDINATOR_ADDRESS, '
+          'JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM or on a TPU pod.') from None
+    logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+
+
+def make_mesh(mesh_config: Mapping[str, int]) -> Mesh:
+  """Mesh from {'data': n, 'fsdp': m}; one size may be -1 (all the rest)."""
+  num_devices = jax.device_count()
+  sizes = {axis: int(mesh_config.get(axis, 1)) for axis in BATCH_AXES}
+  unknown = set(mesh_config) - set(BATCH_AXES)
+  if unknown:
+    raise ValueError(f'Unknown mesh axes {sorted(unknown)}; expected {BATCH_AXES}')
+  free = [axis for axis, size in sizes.items() if size == -1]
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if len(free) > 1 or fixed < 1 or num_devices % fixed:
+    raise ValueError(f'Mesh {dict(mesh_config)} does not fit {num_devices} devices.')
+  if free:
+    sizes[free[0]] = num_devices // fixed
+  if int(np.prod(list(sizes.values()))) != num_devices:
+    raise ValueError(f'Mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, '
+                     f'but there are {num_devices}.')
+  devices = np.asarray(jax.devices()).reshape([sizes[a] for a in BATCH_AXES])
+  return Mesh(devices, BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2 ** 12) -> Any:
+  """Shards each large array's largest dimension divisible by the 'fsdp' axis;
+  small or indivisible arrays stay replicated."""
+  axis_size = mesh.shape['fsdp']
+
+  def spec(leaf):
+    shape = getattr(leaf, 'shape', ())
+    if axis_size == 1 or int(np.prod(shape)) < min_size:
+      return replicated(mesh)
+    for dim in np.argsort(shape)[::-1]:
+      if shape[dim] % axis_size == 0:
+        parts = [None] * len(shape)
+        parts[dim] = 'fsdp'
+        return NamedSharding(mesh, P(*parts))
+    return replicated(mesh)
+
+  return jax.tree.map(spec, tree)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+  """Per-process numpy batch -> globally sharded jax.Arrays."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local_batch.items()}

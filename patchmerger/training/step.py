@@ -1,0 +1,70 @@
+"""Pure train and eval steps; `loop.py` jits them with shardings."""
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from patchmerger.training.state import TrainState
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, kind: str,
+                        label_smoothing: float = 0.) -> jax.Array:
+  """Per-example loss for integer labels: softmax or sigmoid cross-entropy."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  if kind == 'softmax_xent':
+    return optax.softmax_cross_entropy(logits, targets)
+  if kind == 'sigmoid_xent':
+    return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
+  raise ValueError(f"loss must be 'softmax_xent' or 'sigmoid_xent', got {kind!r}")
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+               loss: str, label_smoothing: float, accum_steps: int) -> tuple[TrainState, dict]:
+  """One optimizer update on `batch`, split into `accum_steps` micro-batches."""
+  rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params, micro, micro_rng):
+    logits = state.apply_fn({'params': params}, micro['image'], train=True,
+                            rngs={'dropout': micro_rng})
+    per_example = classification_loss(logits, micro['label'], loss, label_smoothing)
+    correct = jnp.argmax(logits, -1) == micro['label']
+    return per_example.mean(), correct.mean()
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss_value, accuracy), grads = grad_fn(state.params, batch, rng)
+  else:
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      index, micro = inputs
+      (l, a), g = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+    zeros = (0., 0., jax.tree.map(jnp.zeros_like, state.params))
+    (loss_value, accuracy, grads), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(accum_steps), micro_batches))
+    loss_value, accuracy, grads = jax.tree.map(lambda x: x / accum_steps,
+                                               (loss_value, accuracy, grads))
+
+  new_state = state.apply_gradients(grads=grads)
+  metrics = {'train/loss': loss_value, 'train/accuracy': accuracy,
+             'train/grad_norm': optax.global_norm(grads),
+             'train/param_norm': optax.global_norm(new_state.params)}
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Any,
+              loss: str) -> dict:
+  """Sums over the real (mask == 1) examples of a padded batch."""
+  logits = apply_fn({'params': params}, batch['image'], train=False)
+  mask = batch['mask']
+  per_example = classification_loss(logits, batch['label'], loss)
+  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  return {'loss_sum': jnp.sum(per_example * mask), 'correct': jnp.sum(correct * mask),
+          'count': jnp.sum(mask)}

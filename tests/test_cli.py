@@ -1,0 +1,43 @@
+"""train.py / eval.py: bad input stops the run with one clear line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, data_dir=None):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  return result.returncode, result.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/fashion_mnist.py', '--config.model.widht=3'], 'widht'),
+    (['--config=configs/fashion_mnist.py:varaint=B/16'], "Unknown config argument 'varaint=B/16'"),
+    (['--config=configs/fashion_mnist.py:variant=Q/4'], "Unknown model variant 'Q/4'"),
+    (['--config=configs/fashion_mnist.py:merger=8@9'], 'does not fit a model of depth 6'),
+    (['--config=configs/fashion_mnist.py:merger=0@2'], 'num_tokens >= 1'),
+    (['--config=configs/fashion_mnist.py', '--config.input.image_size=30'],
+     'Image size 30x30 is not divisible by the patch size 8'),
+    (['--config=configs/fashion_mnist.py:variant=Ti/6'], 'not divisible by the conv stem stride'),
+    (['--config=configs/imagenet2012.py', '--config.distributed=False'],
+     "Dataset 'imagenet2012' is not prepared"),
+    (['--config=configs/imagenet2012.py'], 'no cluster was found'),
+])
+def test_bad_input_fails_with_one_line(args, message, tmp_path):
+  workdir = tmp_path / 'run'
+  code, stderr = _run('train.py', *args, f'--workdir={workdir}', f'--config.data_dir={tmp_path}')
+  assert code != 0
+  assert 'Traceback' not in stderr, stderr[-2000:]
+  assert message in stderr, stderr[-2000:]
+
+
+def test_eval_without_checkpoint_fails_with_one_line(tmp_path):
+  code, stderr = _run('eval.py', '--config=configs/fashion_mnist.py', f'--workdir={tmp_path}',
+                      '--config.dataset=mnist_absent')
+  assert code != 0 and 'Traceback' not in stderr
+  assert "'mnist_absent'" in stderr

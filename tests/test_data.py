@@ -1,0 +1,133 @@
+"""Offline dataset preparation and the tf.data input pipeline."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from patchmerger.data import input_pipeline, local
+
+
+def _write_idx(path, array):
+  header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
+      int(n).to_bytes(4, 'big') for n in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def small_fashion_source(tmp_path_factory):
+  """Idx files in the Debian package's layout, with 40 train / 20 test images."""
+  source = tmp_path_factory.mktemp('fashion-mnist')
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 40), ('test', 20)):
+    images_file, labels_file = local.FASHION_MNIST_FILES[split]
+    _write_idx(source / images_file, rng.integers(0, 256, (n, 28, 28)))
+    _write_idx(source / labels_file, np.arange(n) % 10)
+  return source
+
+
+@pytest.fixture(scope='module')
+def prepared(small_fashion_source, tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('tfds')
+  local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, str(small_fashion_source))
+  try:
+    builder = local.ensure_prepared('fashion_mnist', str(data_dir))
+  finally:
+    local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, local.FASHION_MNIST_DIR)
+  return builder, data_dir
+
+
+def test_read_idx_round_trip(tmp_path):
+  array = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+  _write_idx(tmp_path / 'a.gz', array)
+  np.testing.assert_array_equal(local.read_idx(str(tmp_path / 'a.gz')), array)
+
+
+def test_read_idx_rejects_truncated_file(tmp_path):
+  _write_idx(tmp_path / 'a.gz', np.zeros((4, 5)))
+  data = gzip.open(tmp_path / 'a.gz').read()
+  with gzip.open(tmp_path / 'b.gz', 'wb') as f:
+    f.write(data[:-3])
+  with pytest.raises(ValueError, match='truncated'):
+    local.read_idx(str(tmp_path / 'b.gz'))
+
+
+def test_prepared_dataset_is_tfds_own_fashion_mnist(prepared, small_fashion_source):
+  builder, data_dir = prepared
+  assert builder.is_prepared()
+  assert type(builder).__name__ == 'FashionMNIST'
+  assert builder.info.splits['train'].num_examples == 40
+  assert builder.info.splits['test'].num_examples == 20
+  # tfds.load, as any user would call it, reads it offline.
+  test = list(tfds.load('fashion_mnist', split='test', data_dir=str(data_dir)).as_numpy_iterator())
+  assert sorted(int(ex['label']) for ex in test) == sorted(np.arange(20) % 10)
+  expected = local.read_idx(os.path.join(small_fashion_source, 't10k-images-idx3-ubyte.gz'))
+  assert {ex['image'].tobytes() for ex in test} == {im[..., None].tobytes() for im in expected}
+
+
+def test_unprepared_dataset_fails_with_how_to_get_it(tmp_path):
+  with pytest.raises(local.DatasetNotPreparedError, match='tfds build imagenet2012'):
+    local.ensure_prepared('imagenet2012', str(tmp_path))
+  with pytest.raises(local.DatasetNotPreparedError, match='not a TFDS dataset'):
+    local.ensure_prepared('imagenet21k', str(tmp_path))
+  local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, str(tmp_path / 'absent'))
+  try:
+    with pytest.raises(local.DatasetNotPreparedError, match='apt-get install dataset-fashion-mnist'):
+      local.ensure_prepared('fashion_mnist', str(tmp_path))
+  finally:
+    local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, local.FASHION_MNIST_DIR)
+
+
+INPUT = dict(image_size=28, channels=1, augment='none', shuffle_buffer=40, mean=0.5, std=0.5)
+
+
+def _take(builder, steps, start_step=0, **input_overrides):
+  batches = input_pipeline.train_batches(builder, 'train', INPUT | input_overrides, 8, seed=3,
+                                         start_step=start_step)
+  return [next(batches) for _ in range(steps)]
+
+
+def test_train_batches_shapes_and_normalisation(prepared):
+  batch = _take(prepared[0], 1)[0]
+  assert batch['image'].shape == (8, 28, 28, 1) and batch['image'].dtype == np.float32
+  assert batch['label'].dtype == np.int32
+  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+
+
+def test_epochs_are_permutations_and_resume_is_exact(prepared):
+  builder = prepared[0]
+  batches = _take(builder, 10, augment='flip_crop')  # 80 examples: two epochs of 40
+  labels = np.concatenate([b['label'] for b in batches])
+  assert sorted(labels[:40]) == sorted(labels[40:]) == sorted(np.arange(40) % 10)
+  assert not np.array_equal(labels[:40], labels[40:])  # reshuffled each epoch
+  resumed = _take(builder, 3, start_step=7, augment='flip_crop')  # mid-epoch resume
+  for a, b in zip(batches[7:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_grayscale_to_rgb_and_resize(prepared):
+  batch = _take(prepared[0], 1, image_size=32, channels=3, augment='inception_crop_flip')[0]
+  assert batch['image'].shape == (8, 32, 32, 3)
+
+
+def test_eval_batches_cover_the_split_once_with_padding(prepared):
+  data, num_batches = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 8)
+  batches = list(input_pipeline.padded_batches(data, num_batches, 8))
+  assert num_batches == 3 and all(len(b['label']) == 8 for b in batches)
+  masks = np.concatenate([b['mask'] for b in batches])
+  assert masks.sum() == 20 and list(masks[20:]) == [0] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(local.FASHION_MNIST_DIR),
+                    reason='needs Debian package dataset-fashion-mnist (.ci/run installs it)')
+def test_real_fashion_mnist_offline(tmp_path):
+  builder = local.ensure_prepared('fashion_mnist', str(tmp_path))
+  assert builder.info.splits['train'].num_examples == 60000
+  assert builder.info.splits['test'].num_examples == 10000
+  batch = next(input_pipeline.train_batches(builder, 'test', INPUT, 1000, seed=0))
+  assert batch['image'].shape == (1000, 28, 28, 1)
+  assert set(np.unique(batch['label'])) == set(range(10))

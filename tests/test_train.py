@@ -1,0 +1,128 @@
+"""The training loop on mock data: every config, resume, multi-device equality."""
+import importlib
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from patchmerger.training import loop, metrics
+from tests import tiny
+from tests.test_configs import CONFIG_FILES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(workdir):
+  return {r['step']: r['train/loss'] for r in metrics.read_metrics(workdir) if 'train/loss' in r}
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_one_training_step_for_every_config(name, tmp_path):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.model.update(width=16, depth=2, mlp_dim=32, num_heads=2)
+  if config.model.representation_size is not None:
+    config.model.representation_size = 16
+  if isinstance(config.model.merger, dict) or hasattr(config.model.merger, 'num_tokens'):
+    config.model.merger.before_block = 1
+  config.input.image_size = min(config.input.image_size, 32)
+  config.model.variant = config.model.variant.split('/')[0] + '/4'
+  config.update(batch_size=4, total_steps=1, log_every=1, eval_every=1, checkpoint_every=1)
+  config.input.shuffle_buffer = 8
+  config.mesh = dict(data=-1, fsdp=1)
+  if config.dataset not in tfds.list_builders():  # e.g. imagenet21k: mock a look-alike.
+    config.dataset = 'imagenet2012'
+  with tfds.testing.mock_data(num_examples=8):
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    summary = loop.train(config, str(tmp_path), builder)
+  assert summary['step'] == 1
+  assert np.isfinite(summary['train/loss']) and 0 <= summary['test/accuracy'] <= 1
+  records = metrics.read_metrics(str(tmp_path))
+  assert any('test/accuracy' in r for r in records)
+  assert os.path.isdir(tmp_path / 'checkpoints' / '1')
+
+
+def test_training_reduces_loss_and_writes_metrics(tmp_path):
+  config = tiny.tiny_config(total_steps=30, eval_every=30, checkpoint_every=30)
+  config.lr.warmup_steps = 5
+  summary = tiny.run(str(tmp_path), config)
+  losses = _losses(str(tmp_path))
+  assert sorted(losses) == list(range(1, 31))
+  # Mock labels are random, so the model can only memorise: loss must still fall.
+  assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)])
+  assert summary['step'] == 30 and 'test/accuracy' in summary
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+
+
+def test_resume_continues_and_reproduces_the_uninterrupted_run(tmp_path):
+  config = tiny.tiny_config()
+  full = tiny.run(str(tmp_path / 'full'), config)
+  full_losses = _losses(str(tmp_path / 'full'))
+  # Stop after step 3: a run of the same config whose latest checkpoint is step 3.
+  stopped = tmp_path / 'stopped'
+  tiny.run(str(stopped), config)
+  import shutil
+  shutil.rmtree(stopped / 'checkpoints' / '6')
+  os.remove(stopped / 'metrics.jsonl')
+  resumed = tiny.run(str(stopped), config)
+  resumed_losses = _losses(str(stopped))
+  assert sorted(resumed_losses) == [4, 5, 6]  # It continued at step 4.
+  for step in (4, 5, 6):
+    assert resumed_losses[step] == full_losses[step], step
+  assert resumed['test/accuracy'] == full['test/accuracy']
+
+
+def _run_tiny_subprocess(workdir, devices, **overrides):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONPATH=ROOT)
+  args = [f'{k}={v}' for k, v in overrides.items()]
+  result = subprocess.run([sys.executable, '-m', 'tests.tiny', str(workdir), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _losses(str(workdir))
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one_device(tmp_path):
+  one = _run_tiny_subprocess(tmp_path / 'one', 1)
+  eight = _run_tiny_subprocess(tmp_path / 'eight', 8)
+  fsdp = _run_tiny_subprocess(tmp_path / 'fsdp', 8, **{'mesh.data': 2, 'mesh.fsdp': 4})
+  assert sorted(one) == sorted(eight) == sorted(fsdp) == list(range(1, 7))
+  # Same global batch; only the order of floating-point reductions differs.
+  for step in one:
+    assert abs(one[step] - eight[step]) < 1e-4, (step, one[step], eight[step])
+    assert abs(one[step] - fsdp[step]) < 1e-4, (step, one[step], fsdp[step])
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+  plain = tiny.run(str(tmp_path / 'plain'), tiny.tiny_config(total_steps=3))
+  accum = tiny.run(str(tmp_path / 'accum'), tiny.tiny_config(total_steps=3, accum_steps=4))
+  a, b = _losses(str(tmp_path / 'plain')), _losses(str(tmp_path / 'accum'))
+  for step in a:
+    assert abs(a[step] - b[step]) < 1e-5, step
+  assert abs(plain['train/param_norm'] - accum['train/param_norm']) < 1e-4
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(batch_size=15, accum_steps=2), 'not divisible by accum_steps'),
+    (dict(accum_steps=32), 'not divisible by accum_steps'),
+    (dict(total_steps=0), 'total_steps must be >= 1'),
+    ({'mesh.data': 3}, 'does not fit'),
+])
+def test_bad_training_settings_fail_before_training(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    tiny.run(str(tmp_path), tiny.tiny_config(**overrides))
+
+
+def test_evaluate_checkpoint_reproduces_final_test_metrics(tmp_path):
+  config = tiny.tiny_config(total_steps=3)
+  summary = tiny.run(str(tmp_path), config)
+  with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES):
+    builder = tfds.builder(config.dataset)
+    results = loop.evaluate_checkpoint(config, str(tmp_path), builder)
+  assert results['step'] == 3 and results['test/examples'] == tiny.MOCK_EXAMPLES
+  assert results['test/accuracy'] == summary['test/accuracy']
+  assert abs(results['test/loss'] - summary['test/loss']) < 1e-6

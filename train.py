@@ -1,0 +1,43 @@
+r"""Trains a ViT (+ PatchMerger) from a config; resumes if WORKDIR holds a checkpoint.
+
+  python train.py --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
+  python train.py --config=configs/fashion_mnist.py:merger=none --workdir=workdirs/plain
+  python train.py --config=configs/imagenet21k.py:variant=B/16 \
+      --config.model.merger.num_tokens=16 --workdir=...
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from patchmerger import cli
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (with :arg string).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that --help and flag errors do not pay for jax/tf start-up.
+  from patchmerger.data import local
+  from patchmerger.training import loop, sharding
+
+  def run():
+    config = _CONFIG.value
+    sharding.maybe_initialize_distributed(config.distributed)
+    loop.validate(config)  # Bad model settings fail before any data work.
+    builder = local.ensure_prepared(config.dataset, config.data_dir)
+    summary = loop.train(config, _WORKDIR.value, builder)
+    print(f'Final test accuracy: {summary["test/accuracy"]:.4f} '
+          f'(test loss {summary["test/loss"]:.4f}) after {summary["step"]} steps; '
+          f'training {summary.get("train/images_per_sec", float("nan")):.0f} images/s; '
+          f'{summary["gflops_per_image"]:.4f} GFLOPs/image.', flush=True)
+
+  cli.run_reporting_errors(run)
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  app.run(main, flags_parser=cli.parse_flags)
