@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-AUGMENTATIONS = ('none', 'flip_crop', 'inception_crop_flip')
+AUGMENTATIONS = ('none', 'flip', 'flip_crop', 'inception_crop_flip')
 
 
 def _to_model_input(image: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Tensor:
@@ -24,7 +24,7 @@ def _to_model_input(image: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Ten
 
 
 def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str, size: int) -> tf.Tensor:
-  """Random crop and flip with stateless ops; `seed` is a [2] int tensor."""
+  """Random crop (per `kind`) and flip with stateless ops; `seed` is a [2] int tensor."""
   seeds = tf.random.experimental.stateless_split(seed, 2)
   if kind == 'flip_crop':  # Pad by 1/8 of the size, crop back (CIFAR-style).
     pad = max(1, size // 8)
