@@ -41,3 +41,11 @@ def test_parameter_counts_and_merger_share():
   merger = 2 * 768 + 768 * 8
   total = 86_567_656 + (21843 - 1000) * 769 + 768 * 769 + merger
   assert counts == dict(total=total, merger=merger)
+
+
+def test_report_combines_flops_and_parameters():
+  model = build_model(dict(variant='Ti/4', depth=2, width=16, mlp_dim=32, num_heads=2,
+                           merger=dict(num_tokens=4, before_block=1)), num_classes=10)
+  result = flops.report(model, (28, 28, 1))
+  assert result['params_merger'] == 2 * 16 + 16 * 4
+  assert abs(result['gflops'] - flops.analytic_gflops(model, (28, 28, 1))) / result['gflops'] < 0.2
