@@ -27,6 +27,7 @@ def main(argv):
     config = _CONFIG.value
     sharding.maybe_initialize_distributed(config.distributed)
     loop.validate(config)  # Bad model settings fail before any data work.
+    loop.ensure_writable(_WORKDIR.value)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
     summary = loop.train(config, _WORKDIR.value, builder)
     print(f'Final test accuracy: {summary["test/accuracy"]:.4f} '

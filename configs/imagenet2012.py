@@ -34,6 +34,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.accum_steps = 1
   config.loss = 'softmax_xent'
   config.label_smoothing = 0.0
+  config.skip_nonfinite_updates = 0    # 0: stop at NaN/Inf; N: skip <= N bad updates in a row
   config.optim = ml_collections.ConfigDict(dict(
       name='adamw', b1=0.9, b2=0.999, weight_decay=0.0001, clip_norm=1.0))
   config.lr = ml_collections.ConfigDict(dict(

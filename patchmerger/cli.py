@@ -36,10 +36,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f'bad config override: {_innermost_message(str(e))}')
 
 
+# Exit codes of a run stopped by a signal after checkpointing, as a shell reports
+# a process killed by that signal (so launchers see a preemption, not a failure).
+SIGNAL_EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130}
+
+
 def run_reporting_errors(fn: Callable[[], None]) -> None:
   """Runs `fn`; a user error ends the program with one line and exit code 2."""
+  from patchmerger.training.loop import Preempted
   try:
     fn()
+  except Preempted as e:
+    sys.stderr.write(f'{e}\n')
+    sys.exit(SIGNAL_EXIT_CODES.get(e.signal_name, 143))
   except USER_ERRORS as e:
     message = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
     fail(f'{message.splitlines()[0] if message else type(e).__name__}')

@@ -41,3 +41,13 @@ def test_eval_without_checkpoint_fails_with_one_line(tmp_path):
                       '--config.dataset=mnist_absent')
   assert code != 0 and 'Traceback' not in stderr
   assert "'mnist_absent'" in stderr
+
+
+def test_unwritable_workdir_fails_with_one_line(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('keep me')
+  code, stderr = _run('train.py', '--config=configs/fashion_mnist.py',
+                      f'--workdir={blocker}/run', f'--config.data_dir={tmp_path}')
+  assert code == 2 and 'Traceback' not in stderr, stderr[-2000:]
+  assert f'Workdir {blocker}/run is not writable' in stderr
+  assert blocker.read_text() == 'keep me'

@@ -39,4 +39,5 @@ def run(workdir: str, config: ml_collections.ConfigDict) -> dict:
 if __name__ == '__main__':
   overrides = dict(arg.split('=', 1) for arg in sys.argv[2:])
   typed = {k: int(v) if v.lstrip('-').isdigit() else v for k, v in overrides.items()}
-  run(sys.argv[1], tiny_config(**typed))
+  from patchmerger import cli  # Errors and signals end the run as train.py's do.
+  cli.run_reporting_errors(lambda: run(sys.argv[1], tiny_config(**typed)))

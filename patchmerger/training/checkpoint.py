@@ -1,16 +1,32 @@
-"""Orbax checkpoints of the train state: save every N steps, keep K, resume."""
+"""Orbax checkpoints of the train state: save every N steps, keep K, resume.
+
+Orbax writes each step into a temporary directory and renames it when complete,
+so a run killed mid-save leaves no half checkpoint behind. A checkpoint that is
+complete but unreadable (truncated or corrupted files) is moved aside to
+`checkpoints_unreadable/` (never deleted) and the previous one is used.
+"""
 import logging
 import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+import tensorflow as tf
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint holds a different model or optimizer than the config builds."""
 
 
 def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+  # The handler is named up front so that metadata can be read before a restore.
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -18,16 +34,78 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   manager.save(step, args=ocp.args.StandardSave(state))
 
 
+def _describe(path: tuple) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
+  """Raises CheckpointMismatchError naming the first key whose presence or shape
+  differs between checkpoint `step` and `target`."""
+  metadata = manager.item_metadata(step)
+  metadata = getattr(metadata, 'tree', metadata)
+  if not metadata:
+    raise OSError(f'checkpoint {step} has no readable metadata')
+  saved = {_describe(p): tuple(m.shape)
+           for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+  wanted = {_describe(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  where = os.path.join(str(manager.directory), str(step))
+  # Parameters first: a model mismatch is the likely cause and the clearest name.
+  for key in sorted(set(saved) | set(wanted), key=lambda k: (not k.startswith('params/'), k)):
+    if key not in saved:
+      problem = 'is missing from the checkpoint'
+    elif key not in wanted:
+      problem = 'is in the checkpoint but not in this model'
+    elif saved[key] != wanted[key]:
+      problem = f'has shape {saved[key]} in the checkpoint but {wanted[key]} in this model'
+    else:
+      continue
+    raise CheckpointMismatchError(
+        f'Checkpoint {where} does not fit this config: {key} {problem}. Use another '
+        '--workdir, or the config that wrote the checkpoint.')
+
+
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Checkpoint `step` restored onto `target`'s shapes, dtypes and shardings."""
+  check_compatible(manager, step, target)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves an unreadable checkpoint out of the manager's sight; keeps its files."""
+  source = os.path.join(str(manager.directory), str(step))
+  aside_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_unreadable')
+  destination = os.path.join(aside_dir, str(step))
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(aside_dir)
+    suffix = 0
+    while tf.io.gfile.exists(destination):
+      suffix += 1
+      destination = os.path.join(aside_dir, f'{step}.{suffix}')
+    tf.io.gfile.rename(source, destination)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+  manager.reload()
+  return destination
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Optional[Any]:
-  """The latest checkpoint restored onto `target`, or None when there is none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  logging.info('Resuming from checkpoint at step %d', step)
-  return restore(manager, step, target)
+  """The newest readable checkpoint restored onto `target`, or None when there is
+  none. A checkpoint of another model raises CheckpointMismatchError."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = restore(manager, step, target)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # Truncated or corrupted files: fall back, keep the evidence.
+      moved_to = _set_aside(manager, step)
+      logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '
+                      'trying the previous one.', step, type(e).__name__,
+                      str(e).splitlines()[0][:200] if str(e) else '', moved_to)
+      continue
+    logging.info('Resuming from checkpoint at step %d', step)
+    return restored
+  return None

@@ -2,8 +2,9 @@
 import functools
 import logging
 import os
+import signal
 import time
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,71 @@ def _check_config(config: Any) -> None:
                      f'{config.accum_steps} x {num_devices} devices.')
   if config.total_steps < 1:
     raise ValueError(f'total_steps must be >= 1, got {config.total_steps}')
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving a checkpoint at `step`."""
+
+  def __init__(self, step: int, signal_name: str, workdir: str):
+    super().__init__(f'Stopped by {signal_name} at step {step}; checkpoint saved in '
+                     f'{checkpoint.checkpoint_dir(workdir)}. Run the same command to resume.')
+    self.step, self.signal_name = step, signal_name
+
+
+class StopSignals:
+  """Notes SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop.
+
+  With several processes, jax's preemption service (through orbax's
+  `reached_preemption`) picks one step at which all processes stop together.
+  """
+
+  def __init__(self, manager: Any, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
+    self._manager, self._signals = manager, signals
+    self._previous, self.received = {}, None
+
+  def __enter__(self) -> 'StopSignals':
+    if jax.process_count() == 1:
+      for sig in self._signals:
+        try:
+          self._previous[sig] = signal.signal(sig, self._note)
+        except ValueError:  # Not the main thread: leave signals alone.
+          pass
+    return self
+
+  def _note(self, signum, frame):
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc_info) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step_index: int) -> bool:
+    if jax.process_count() > 1 and self._manager.reached_preemption(step_index):
+      self.received = self.received or 'preemption notice'
+    return self.received is not None
+
+
+def ensure_writable(workdir: str) -> None:
+  """Fails at start, with one line, when `workdir` cannot hold checkpoints."""
+  probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
+  try:
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(probe, 'w') as f:
+      f.write('ok')
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    reason = getattr(e, 'message', None) or getattr(e, 'strerror', None) or str(e)
+    raise PermissionError(f'Workdir {workdir} is not writable: {reason}') from None
+
+
+def first_nonfinite(step_metrics: Sequence[dict], first_step: int,
+                    names: Sequence[str]) -> Optional[tuple[int, str, float]]:
+  """(step, metric, value) of the first non-finite value among `names`."""
+  for offset, record in enumerate(jax.device_get(list(step_metrics))):
+    for name in names:
+      if not np.isfinite(record[name]):
+        return first_step + offset, name, float(record[name])
+  return None
 
 
 def validate(config: Any) -> None:
@@ -89,13 +155,11 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   """Trains (or resumes) `config` in `workdir`; returns the final metrics."""
   tf.config.set_visible_devices([], 'GPU')  # tf.data must not grab accelerator memory.
   _check_config(config)
+  ensure_writable(workdir)
   is_main = jax.process_index() == 0
   logging.info('JAX %s on %s: %d devices (%d local), process %d of %d', jax.__version__,
                jax.default_backend(), jax.device_count(), jax.local_device_count(),
                jax.process_index(), jax.process_count())
-  if is_main:
-    tf.io.gfile.makedirs(workdir)
-  writer = metrics.create_writer(workdir, is_main)
 
   model, mesh, image_shape, state, state_sharding = _setup(config)
   data_sharding = sharding.batch_sharding(mesh)
@@ -107,6 +171,8 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   restored = checkpoint.restore_latest(manager, state)
   state = restored if restored is not None else state
   start_step = int(state.step)
+  # Only now, with the checkpoint known to fit, does the run add files to workdir.
+  writer = metrics.create_writer(workdir, is_main)
 
   counts = flops.count_params(state.params)
   gflops = flops.measured_gflops(model, image_shape)
@@ -130,40 +196,65 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   schedule = state_lib.learning_rate_schedule(config.lr, config.total_steps)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_secs=None, every_steps=config.log_every)
-  summary = {}
+  # Stop on a non-finite value before it can reach a checkpoint. When skipping
+  # bad updates is allowed, only the parameters themselves must stay finite.
+  watched = (['train/param_norm'] if config.skip_nonfinite_updates else
+             ['train/loss', 'train/grad_norm', 'train/param_norm'])
+
+  def check_finite(pending, first_step):
+    bad = first_nonfinite(pending, first_step, watched)
+    if bad:
+      manager.wait_until_finished()
+      raise FloatingPointError(
+          f'Non-finite {bad[1]} ({bad[2]}) at step {bad[0]}; stopped without saving it. '
+          f'Last good checkpoint: step {manager.latest_step()} in '
+          f'{checkpoint.checkpoint_dir(workdir)}.')
+
+  summary = {'train/skipped_updates': 0}
   pending = []
   timer_start, excluded, timed_steps = None, 0.0, 0
-  for step_index in range(start_step + 1, config.total_steps + 1):
-    batch = sharding.global_batch(next(train_iter), data_sharding)
-    state, step_metrics = train_fn(state, batch, dropout_rng)
-    pending.append(step_metrics)
-    if timer_start is None:  # Leave compilation out of the speed.
-      jax.block_until_ready(state)
-      timer_start = time.perf_counter()
-    else:
-      timed_steps += 1
-    progress(step_index)
-    if step_index % config.log_every == 0 or step_index == config.total_steps:
-      means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-      pending = []
-      means['train/lr'] = float(schedule(step_index - 1))
-      elapsed = time.perf_counter() - timer_start - excluded
-      means['train/images_per_sec'] = timed_steps * config.batch_size / max(elapsed, 1e-9)
-      if not np.isfinite(means['train/loss']):
-        raise FloatingPointError(f'Non-finite train/loss ({means["train/loss"]}) at step '
-                                 f'{step_index}; last good checkpoint: {manager.latest_step()}')
-      writer.write_scalars(step_index, means)
-      summary.update(means)
-    t0 = time.perf_counter()  # Evaluation and checkpoints are not training time.
-    if step_index % config.eval_every == 0 or step_index == config.total_steps:
-      test_metrics = evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch)
-      writer.write_scalars(step_index, test_metrics)
-      summary.update(test_metrics)
-      logging.info('step %d: test accuracy %.4f, loss %.4f', step_index,
-                   test_metrics['test/accuracy'], test_metrics['test/loss'])
-    if step_index % config.checkpoint_every == 0 or step_index == config.total_steps:
-      checkpoint.save(manager, step_index, state)
-    excluded += time.perf_counter() - t0
+  with StopSignals(manager) as stop:
+    for step_index in range(start_step + 1, config.total_steps + 1):
+      batch = sharding.global_batch(next(train_iter), data_sharding)
+      state, step_metrics = train_fn(state, batch, dropout_rng)
+      pending.append(step_metrics)
+      if timer_start is None:  # Leave compilation out of the speed.
+        jax.block_until_ready(state)
+        timer_start = time.perf_counter()
+      else:
+        timed_steps += 1
+      progress(step_index)
+      first_pending = step_index - len(pending) + 1
+      stopping = stop.should_stop(step_index)
+      last = step_index == config.total_steps
+      saving = step_index % config.checkpoint_every == 0 or last or stopping
+      logging_now = step_index % config.log_every == 0 or last or stopping
+      if saving or logging_now:
+        check_finite(pending, first_pending)
+      if logging_now:
+        host = jax.device_get(pending)
+        means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        summary['train/skipped_updates'] += int(sum(m['train/update_skipped'] for m in host))
+        pending = []
+        means['train/lr'] = float(schedule(step_index - 1))
+        elapsed = time.perf_counter() - timer_start - excluded
+        means['train/images_per_sec'] = timed_steps * config.batch_size / max(elapsed, 1e-9)
+        writer.write_scalars(step_index, means)
+        summary.update(means)
+      t0 = time.perf_counter()  # Evaluation and checkpoints are not training time.
+      if step_index % config.eval_every == 0 or step_index == config.total_steps:
+        test_metrics = evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch)
+        writer.write_scalars(step_index, test_metrics)
+        summary.update(test_metrics)
+        logging.info('step %d: test accuracy %.4f, loss %.4f', step_index,
+                     test_metrics['test/accuracy'], test_metrics['test/loss'])
+      if saving:
+        checkpoint.save(manager, step_index, state)
+      excluded += time.perf_counter() - t0
+      if stopping:
+        manager.wait_until_finished()
+        writer.flush()
+        raise Preempted(step_index, stop.received, workdir)
   if 'test/accuracy' not in summary:  # Resumed a finished run: report its result.
     summary.update(evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch))
   manager.wait_until_finished()

@@ -57,6 +57,14 @@ def create_writer(workdir: str, is_main_process: bool) -> metric_writers.MetricW
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of DIR/metrics.jsonl, in order."""
+  """The records of DIR/metrics.jsonl, in order. A resumed run appends the steps
+  after its checkpoint again (later records win); a line cut short by a hard
+  kill is skipped."""
+  records = []
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records

@@ -39,7 +39,9 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   else:
     raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {optim.name!r}")
   if optim.clip_norm:
-    return optax.chain(optax.clip_by_global_norm(optim.clip_norm), update)
+    update = optax.chain(optax.clip_by_global_norm(optim.clip_norm), update)
+  if config.skip_nonfinite_updates:  # Skip (and count) up to N bad updates in a row.
+    update = optax.apply_if_finite(update, config.skip_nonfinite_updates)
   return update
 
 

@@ -53,8 +53,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
                                                (loss_value, accuracy, grads))
 
   new_state = state.apply_gradients(grads=grads)
+  grad_norm = optax.global_norm(grads)
   metrics = {'train/loss': loss_value, 'train/accuracy': accuracy,
-             'train/grad_norm': optax.global_norm(grads),
+             'train/grad_norm': grad_norm,
+             # optax.apply_if_finite skips exactly these updates when enabled.
+             'train/update_skipped': 1. - jnp.isfinite(grad_norm).astype(jnp.float32),
              'train/param_norm': optax.global_norm(new_state.params)}
   return new_state, metrics
 
