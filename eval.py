@@ -17,21 +17,30 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the ru
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds checkpoints/).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Multi-process runs; each defaults to its JAX_* environment variable.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 ($JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes ($JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process ($JAX_PROCESS_ID).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax
   from patchmerger.data import local
-  from patchmerger.training import loop
+  from patchmerger.training import loop, sharding
 
   def run():
     config = _CONFIG.value
+    sharding.maybe_initialize_distributed(config.distributed, _COORDINATOR.value,
+                                          _NUM_PROCESSES.value, _PROCESS_ID.value)
     loop.validate(config)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
     results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value)
-    with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    if jax.process_index() == 0:
+      with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
+        json.dump(results, f, indent=2)
     print(f'Checkpoint step {results["step"]}: test accuracy {results["test/accuracy"]:.4f}, '
           f'test loss {results["test/loss"]:.4f} on {results["test/examples"]} examples.')
 

@@ -27,7 +27,9 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict(dict(
       image_size=32, channels=1, augment='none', shuffle_buffer=60_000,
       mean=0.286, std=0.353,           # Fashion-MNIST pixel statistics
-      data_threads=1))                 # 2 cores: leave them to the training step
+      data_threads=1,                  # 2 cores: leave them to the training step
+      num_shards=0))                   # data shards (0: one per process); fix it to
+                                       # keep the data order when the host count changes
 
   # Model: 28px images resized to 32, an early-convolution stem (two 3x3/2
   # convolutions, then the 3x3/2 `embedding`) gives 4x4 = 16 tokens; one
@@ -53,6 +55,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_every = 1250
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1,                 # device axes; -1: all remaining devices
+      fsdp_min_size=2 ** 12))          # smaller arrays stay replicated under fsdp
   config.distributed = False           # call jax.distributed.initialize()
   return config

@@ -24,7 +24,9 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict(dict(
       image_size=224, channels=3, augment='inception_crop_flip',
       shuffle_buffer=250_000, mean=0.5, std=0.5,
-      data_threads=0))                 # 0: tf.data autotunes its threads
+      data_threads=0,                  # 0: tf.data autotunes its threads
+      num_shards=0))                   # data shards (0: one per process); fix it to
+                                       # keep the data order when the host count changes
 
   config.model = common.model_config(arg.variant, arg.merger, classifier='gap',
                                      posemb='sincos2d')
@@ -44,6 +46,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.eval_every = 2500
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1,                 # device axes; -1: all remaining devices
+      fsdp_min_size=2 ** 12))          # smaller arrays stay replicated under fsdp
   config.distributed = True
   return config

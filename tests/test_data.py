@@ -108,6 +108,38 @@ def test_epochs_are_permutations_and_resume_is_exact(prepared):
     np.testing.assert_array_equal(a['label'], b['label'])
 
 
+def _process_streams(builder, input_config, start_step):
+  single = input_pipeline.train_batches(builder, 'train', input_config, 8, seed=3,
+                                        start_step=start_step)
+  parts = [input_pipeline.train_batches(builder, 'train', input_config, 8, seed=3,
+                                        start_step=start_step, process_index=i, process_count=2)
+           for i in (0, 1)]
+  return single, parts
+
+
+def test_two_processes_read_disjoint_shards_that_make_the_single_process_batches(prepared):
+  builder = prepared[0]
+  # Mid-epoch, with augmentation: one process reading both shards = two processes.
+  single, parts = _process_streams(builder, INPUT | dict(num_shards=2, augment='flip'), 2)
+  for _ in range(6):
+    whole, halves = next(single), [next(p) for p in parts]
+    assert all(h['label'].shape == (4,) for h in halves)
+    for key in whole:
+      np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+  # One epoch (5 steps x 4 examples of each 20-example shard): disjoint halves.
+  _, parts = _process_streams(builder, INPUT | dict(num_shards=2), 0)
+  rows = [{tuple(image.ravel()[:16]) for _ in range(5) for image in next(p)['image']}
+          for p in parts]
+  assert len(rows[0]) == len(rows[1]) == 20 and not rows[0] & rows[1]
+
+
+@pytest.mark.parametrize('num_shards,processes,batch,message', [
+    (3, 2, 12, 'not a multiple of the 2 processes'), (4, 1, 6, 'not divisible by')])
+def test_bad_shard_counts_fail_clearly(num_shards, processes, batch, message):
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.check_shards(dict(num_shards=num_shards), batch, processes)
+
+
 def test_grayscale_to_rgb_and_resize(prepared):
   batch = _take(prepared[0], 1, image_size=32, channels=3, augment='inception_crop_flip')[0]
   assert batch['image'].shape == (8, 32, 32, 3)

@@ -89,12 +89,17 @@ def _run_tiny_subprocess(workdir, devices, **overrides):
 def test_eight_devices_match_one_device(tmp_path):
   one = _run_tiny_subprocess(tmp_path / 'one', 1)
   eight = _run_tiny_subprocess(tmp_path / 'eight', 8)
-  fsdp = _run_tiny_subprocess(tmp_path / 'fsdp', 8, **{'mesh.data': 2, 'mesh.fsdp': 4})
+  fsdp = _run_tiny_subprocess(tmp_path / 'fsdp', 8, **{'mesh.data': 2, 'mesh.fsdp': 4,
+                                                        'mesh.fsdp_min_size': 64})
   assert sorted(one) == sorted(eight) == sorted(fsdp) == list(range(1, 7))
   # Same global batch; only the order of floating-point reductions differs.
   for step in one:
     assert abs(one[step] - eight[step]) < 1e-4, (step, one[step], eight[step])
     assert abs(one[step] - fsdp[step]) < 1e-4, (step, one[step], fsdp[step])
+  # Sharding parameters 4 ways shrinks each device's train state.
+  memory = {name: [r['memory/state_mib_per_device'] for r in metrics.read_metrics(
+      str(tmp_path / name)) if 'memory/state_mib_per_device' in r][0] for name in ('eight', 'fsdp')}
+  assert memory['fsdp'] < 0.5 * memory['eight'], memory
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):

@@ -4,7 +4,7 @@ Training data is a pure function of (seed, step): each epoch is shuffled with
 its own seed, augmentation uses stateless ops keyed by the example's position
 in the stream, so resuming at step k reproduces the uninterrupted stream.
 """
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
@@ -40,41 +40,35 @@ def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str, size: int) -> tf.Tens
 
 
 def train_batches(builder: tfds.core.DatasetBuilder, split: str,
-                  input_config: Mapping[str, Any], batch_size: int, seed: int,
-                  start_step: int = 0) -> Iterator[dict]:
-  """Endless numpy batches of this process's share of `split`, from `start_step`.
+                  input_config: Mapping[str, Any], global_batch_size: int, seed: int,
+                  start_step: int = 0, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Iterator[dict]:
+  """Endless numpy batches of this process's part of the global batch, from `start_step`.
 
-  `batch_size` is the per-process batch.
+  The split is cut into `input.num_shards` shards (default: one per process), each
+  with its own shuffled stream; a global batch is the concatenation of one batch
+  of every shard, and each process reads only its own shards. The global stream
+  therefore depends on (seed, num_shards), not on the number of processes: one
+  process reading 2 shards yields exactly what 2 processes yield together.
   """
   kind = input_config['augment']
   if kind not in AUGMENTATIONS:
     raise ValueError(f'input.augment must be one of {AUGMENTATIONS}, got {kind!r}')
-  data = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
-  data = data.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
-  num_examples = int(data.cardinality())
-  if num_examples <= 0:
-    raise ValueError(f'Split {split!r} of {builder.name} has no examples for this process')
-  if num_examples <= 200_000:  # Small datasets live in memory after one read.
-    data = data.cache()
-  first_example = start_step * batch_size
-  first_epoch, offset = divmod(first_example, num_examples)
-  buffer = min(input_config['shuffle_buffer'], num_examples)
-
-  def epoch(index):  # Each epoch has its own, fixed, shuffle order.
-    return data.shuffle(buffer, seed=seed * 1_000_003 + index, reshuffle_each_iteration=False)
-
-  stream = tf.data.Dataset.range(first_epoch, 2 ** 40).flat_map(epoch).skip(offset)
-  stream = stream.enumerate(start=first_example)
-
-  def preprocess(index, example):
-    image = _to_model_input(example['image'], input_config)
-    if kind != 'none':
-      image = _augment(image, tf.stack([tf.cast(seed, tf.int64), index]), kind,
-                       input_config['image_size'])
-    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
-
-  stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  stream = stream.batch(batch_size, drop_remainder=True).prefetch(2)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  num_shards = check_shards(input_config, global_batch_size, process_count)
+  per_process = num_shards // process_count
+  shards = range(process_index * per_process, (process_index + 1) * per_process)
+  shard_splits = tfds.even_splits(split, num_shards) if num_shards > 1 else [split]
+  streams = [_shard_stream(builder, shard_splits[shard], input_config,
+                           global_batch_size // num_shards, seed, shard, start_step)
+             for shard in shards]
+  if len(streams) == 1:
+    stream = streams[0]
+  else:
+    stream = tf.data.Dataset.zip(tuple(streams)).map(
+        lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+  stream = stream.prefetch(2)
   threads = input_config.get('data_threads')
   if threads:  # On a small host, tf.data's threads would compete with the step.
     options = tf.data.Options()
@@ -82,6 +76,54 @@ def train_batches(builder: tfds.core.DatasetBuilder, split: str,
     options.autotune.enabled = False
     stream = stream.with_options(options)
   return stream.as_numpy_iterator()
+
+
+def check_shards(input_config: Mapping[str, Any], global_batch_size: int,
+                 process_count: int) -> int:
+  """The number of data shards, checked against processes and batch size."""
+  num_shards = input_config.get('num_shards') or process_count
+  if num_shards % process_count:
+    raise ValueError(f'input.num_shards={num_shards} is not a multiple of the '
+                     f'{process_count} processes.')
+  if global_batch_size % num_shards:
+    raise ValueError(f'batch_size {global_batch_size} is not divisible by '
+                     f'input.num_shards={num_shards}.')
+  return num_shards
+
+
+def _shard_stream(builder: tfds.core.DatasetBuilder, split: str,
+                  input_config: Mapping[str, Any], batch_size: int, seed: int, shard: int,
+                  start_step: int) -> tf.data.Dataset:
+  """Batches of one shard: per-epoch shuffles, stateless augmentation, from `start_step`."""
+  kind = input_config['augment']
+  data = builder.as_dataset(split=split, shuffle_files=False)
+  data = data.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  num_examples = int(data.cardinality())
+  if num_examples <= 0:
+    raise ValueError(f'Split {split!r} of {builder.name} has no examples')
+  if num_examples <= 200_000:  # Small datasets live in memory after one read.
+    data = data.cache()
+  first_example = start_step * batch_size
+  first_epoch, offset = divmod(first_example, num_examples)
+  buffer = min(input_config['shuffle_buffer'], num_examples)
+  shard_seed = seed + 7_919 * shard  # Shard 0 keeps the single-shard stream.
+
+  def epoch(index):  # Each epoch has its own, fixed, shuffle order.
+    return data.shuffle(buffer, seed=shard_seed * 1_000_003 + index,
+                        reshuffle_each_iteration=False)
+
+  stream = tf.data.Dataset.range(first_epoch, 2 ** 40).flat_map(epoch).skip(offset)
+  stream = stream.enumerate(start=first_example)
+
+  def preprocess(index, example):
+    image = _to_model_input(example['image'], input_config)
+    if kind != 'none':
+      image = _augment(image, tf.stack([tf.cast(shard_seed, tf.int64), index]), kind,
+                       input_config['image_size'])
+    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+
+  stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return stream.batch(batch_size, drop_remainder=True)
 
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, split: str,

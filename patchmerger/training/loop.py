@@ -27,6 +27,7 @@ def _check_config(config: Any) -> None:
   if config.batch_size % (config.accum_steps * num_devices):
     raise ValueError(f'batch_size {config.batch_size} is not divisible by accum_steps '
                      f'{config.accum_steps} x {num_devices} devices.')
+  input_pipeline.check_shards(config.input, config.batch_size, jax.process_count())
   if config.total_steps < 1:
     raise ValueError(f'total_steps must be >= 1, got {config.total_steps}')
 
@@ -127,7 +128,8 @@ def _setup(config: Any):
   model = build_model(config.model, config.num_classes)
   init_rng = jax.random.split(jax.random.key(config.seed))[0]
   create = functools.partial(state_lib.create_state, model, config, image_shape=image_shape)
-  state_sharding = sharding.fsdp_sharding(jax.eval_shape(create, init_rng), mesh)
+  state_sharding = sharding.fsdp_sharding(jax.eval_shape(create, init_rng), mesh,
+                                          config.mesh.get('fsdp_min_size', 2 ** 12))
   state = jax.jit(create, out_shardings=state_sharding)(init_rng)
   return model, mesh, image_shape, state, state_sharding
 
@@ -173,6 +175,10 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   start_step = int(state.step)
   # Only now, with the checkpoint known to fit, does the run add files to workdir.
   writer = metrics.create_writer(workdir, is_main)
+  state_mib = sharding.bytes_per_device(state) / 2 ** 20
+  logging.info('Train state (params + optimizer): %.2f MiB per device, mesh %s', state_mib,
+               dict(mesh.shape))
+  writer.write_scalars(start_step, {'memory/state_mib_per_device': state_mib})
 
   counts = flops.count_params(state.params)
   gflops = flops.measured_gflops(model, image_shape)
@@ -190,7 +196,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
                     in_shardings=(state_sharding.params, data_sharding))
   train_iter = input_pipeline.train_batches(builder, config.train_split, config.input,
-                                            local_batch, config.seed, start_step)
+                                            config.batch_size, config.seed, start_step)
   eval_data = input_pipeline.eval_dataset(builder, config.test_split, config.input, local_batch)
 
   schedule = state_lib.learning_rate_schedule(config.lr, config.total_steps)

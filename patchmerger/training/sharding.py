@@ -6,7 +6,7 @@ Batches are split over both axes; parameters are sharded over 'fsdp' only.
 """
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -15,26 +15,41 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ('data', 'fsdp')
 
 
-def maybe_initialize_distributed(requested: bool) -> None:
-  """Starts the multi-controller runtime when asked or when the environment
-  describes a cluster (SLURM, TPU pods and JAX_COORDINATOR_ADDRESS are detected
-  by jax.distributed itself)."""
-  if requested or os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    try:
-      jax.distributed.initialize()
-    except ValueError as e:  # Nothing described the cluster.
-      raise RuntimeError(
-          f'config.distributed=True but no cluster was found ({e}). On one host use '
-          '--config.distributed=False; on a cluster set JAX_COORDINATOR_ADDRESS, '
-          'JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM or on a TPU pod.') from None
-    logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+def maybe_initialize_distributed(requested: bool, coordinator_address: Optional[str] = None,
+                                 num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None) -> None:
+  """Starts the multi-controller runtime when asked (config.distributed or a
+  coordinator address from flags or $JAX_COORDINATOR_ADDRESS).
+
+  Process count and id come from the arguments, $JAX_NUM_PROCESSES and
+  $JAX_PROCESS_ID, or jax's own cluster detection (SLURM, Open MPI, TPU pods).
+  """
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not (requested or coordinator_address):
+    return
+  if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
+    num_processes = int(os.environ['JAX_NUM_PROCESSES'])
+  if process_id is None and os.environ.get('JAX_PROCESS_ID'):
+    process_id = int(os.environ['JAX_PROCESS_ID'])
+  # CPU processes need an explicit cross-process collectives backend; GPUs and
+  # TPUs ignore this setting.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  except ValueError as e:  # Nothing described the cluster.
+    raise RuntimeError(
+        f'config.distributed=True but no cluster was found ({e}). On one host use '
+        '--config.distributed=False; on a cluster pass --coordinator_address, '
+        '--num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS, '
+        'JAX_NUM_PROCESSES and JAX_PROCESS_ID), or run under SLURM or on a TPU pod.') from None
+  logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
 
 
 def make_mesh(mesh_config: Mapping[str, int]) -> Mesh:
   """Mesh from {'data': n, 'fsdp': m}; one size may be -1 (all the rest)."""
   num_devices = jax.device_count()
   sizes = {axis: int(mesh_config.get(axis, 1)) for axis in BATCH_AXES}
-  unknown = set(mesh_config) - set(BATCH_AXES)
+  unknown = set(mesh_config) - set(BATCH_AXES) - {'fsdp_min_size'}
   if unknown:
     raise ValueError(f'Unknown mesh axes {sorted(unknown)}; expected {BATCH_AXES}')
   free = [axis for axis, size in sizes.items() if size == -1]
@@ -75,6 +90,13 @@ def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2 ** 12) -> Any:
     return replicated(mesh)
 
   return jax.tree.map(spec, tree)
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes of `tree`'s arrays held by the first device (shards count once)."""
+  device = jax.devices()[0]
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+             for shard in leaf.addressable_shards if shard.device == device)
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
