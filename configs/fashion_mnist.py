@@ -60,3 +60,11 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       fsdp_min_size=2 ** 12))          # smaller arrays stay replicated under fsdp
   config.distributed = False           # call jax.distributed.initialize()
   return config
+
+
+def get_sweep(arg: str = None) -> list[dict]:
+  """Model sizes x merger sizes; `python sweep.py --config=configs/fashion_mnist.py
+  --workdir=W` runs these when no --sweep is given (overrides apply to all)."""
+  del arg  # The same sweep for every arg string.
+  return [{'model.width': width, 'model.mlp_dim': 2 * width, 'model.merger.num_tokens': m}
+          for width in (64, 128) for m in (4, 8)]

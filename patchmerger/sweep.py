@@ -1,0 +1,175 @@
+"""Sweeps: the cross product of config overrides, one run per sub-workdir.
+
+Every run goes through `loop.train`, the code path of `train.py`; a finished run
+leaves `result.json` in its sub-workdir, so running the same sweep again skips it
+and resumes any unfinished one from its checkpoint.
+"""
+import ast
+import copy
+import csv
+import itertools
+import json
+import os
+import re
+import shlex
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import ml_collections
+
+Overrides = dict[str, Any]
+RESULT_FILE = 'result.json'
+COLUMNS = ('test/accuracy', 'gflops_per_image', 'train/images_per_sec', 'wall_s', 'step')
+
+
+def _field_type(config: ml_collections.ConfigDict, key: str) -> type:
+  """The declared type of dotted `key`; KeyError names the unknown part."""
+  node, parts = config, key.split('.')
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise KeyError(f'Unknown sweep key {key!r}: {".".join(parts[:depth + 1])!r} is not in '
+                     'the config.')
+    if depth == len(parts) - 1:
+      return node.get_type(part)
+    node = node[part]
+
+
+def _typed(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
+  """`text` as a value of `key`'s type: '8' -> 8 for ints, 'Ti/4' stays a str."""
+  kind = _field_type(config, key)
+  if kind is str:
+    return text
+  if kind is bool:
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'Sweep value {text!r} for {key} is not a bool.')
+    return text.lower() in ('true', '1')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ValueError(f'Sweep value {text!r} for {key} is not a {kind.__name__}.') from None
+  if kind is float and isinstance(value, int):
+    value = float(value)
+  if kind is tuple and isinstance(value, list):
+    value = tuple(value)
+  if not isinstance(value, kind):
+    raise ValueError(f'Sweep value {text!r} for {key} is not a {kind.__name__}.')
+  return value
+
+
+def parse_sweeps(config: ml_collections.ConfigDict, specs: Sequence[str]) -> list[Overrides]:
+  """['a.b=1,2', 'c=x,y'] -> the cross product as override dicts, typed and checked."""
+  axes = []
+  for spec in specs:
+    key, sep, values = spec.partition('=')
+    key = key.strip()
+    texts = [v.strip() for v in values.split(',') if v.strip()] if sep else []
+    if not key or not texts:
+      raise ValueError(f'Bad sweep {spec!r}: expected KEY=VALUE,VALUE,... with at least '
+                       'one value.')
+    axes.append([(key, _typed(config, key, text)) for text in texts])
+  return [dict(combination) for combination in itertools.product(*axes)]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides
+                    ) -> ml_collections.ConfigDict:
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    _field_type(config, key)  # Unknown keys fail with one line.
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ValueError(f'Sweep value {value!r} does not fit {key}: {e}') from None
+  return config
+
+
+def run_name(overrides: Overrides) -> str:
+  """'model.variant=Ti/4' -> 'variant=Ti_4'; the leaf names keep it short."""
+  leaves = [k.split('.')[-1] for k in overrides]
+  keys = [leaf if leaves.count(leaf) == 1 else key for leaf, key in zip(leaves, overrides)]
+  text = ','.join(f'{k}={v}' for k, v in zip(keys, overrides.values())) or 'base'
+  return re.sub(r'[^\w.=,+@-]', '_', text)
+
+
+def train_command(config_arg: str, base_flags: Sequence[str], workdir: str,
+                  overrides: Overrides) -> str:
+  """The `train.py` command line of one run, for a cluster launcher."""
+  def flag_value(value):
+    return str(value) if not isinstance(value, tuple) else repr(value)
+  parts = ['python', 'train.py', f'--config={config_arg}', *base_flags,
+           *(f'--config.{k}={flag_value(v)}' for k, v in overrides.items()),
+           f'--workdir={workdir}']
+  return ' '.join(shlex.quote(p) for p in parts)
+
+
+def run_sweep(config: ml_collections.ConfigDict, root: str, runs: Sequence[Overrides],
+              train_fn: Callable[[ml_collections.ConfigDict, str], dict],
+              validate_fn: Optional[Callable[[ml_collections.ConfigDict], None]] = None
+              ) -> list[dict]:
+  """Runs each override set in ROOT/<name>, one after another; returns one row per run.
+
+  All run configs are built and validated before the first run starts.
+  """
+  configs = [apply_overrides(config, overrides) for overrides in runs]
+  if validate_fn:
+    for run_config in configs:
+      validate_fn(run_config)
+  rows = []
+  for overrides, run_config in zip(runs, configs):
+    workdir = os.path.join(root, run_name(overrides))
+    result_path = os.path.join(workdir, RESULT_FILE)
+    if os.path.exists(result_path):
+      with open(result_path) as f:
+        result = json.load(f)
+      result['skipped'] = True
+    else:
+      start = time.perf_counter()
+      summary = train_fn(run_config, workdir)
+      result = {k: summary.get(k) for k in COLUMNS if k in summary}
+      result['wall_s'] = time.perf_counter() - start
+      with open(result_path, 'w') as f:
+        json.dump(result, f, indent=2)
+      result['skipped'] = False
+    rows.append({'run': run_name(overrides), **overrides, **result})
+  return rows
+
+
+def write_results(root: str, rows: Sequence[dict], keys: Sequence[str]) -> str:
+  """ROOT/results.csv, ROOT/results.png; returns the Markdown table."""
+  header = ['run', *keys, *COLUMNS]
+  with open(os.path.join(root, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, header, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+
+  def cell(value):
+    return f'{value:.4g}' if isinstance(value, float) else str(value)
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(cell(r.get(h, '')) for h in header) + ' |' for r in rows]
+  _plot(os.path.join(root, 'results.png'), rows)
+  return '\n'.join(lines)
+
+
+def _plot(path: str, rows: Sequence[dict]) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for axis, x_key, x_label in ((axes[0], 'train/images_per_sec', 'training images / second'),
+                               (axes[1], 'gflops_per_image', 'GFLOPs / image')):
+    for row in rows:
+      if row.get(x_key) is None or row.get('test/accuracy') is None:
+        continue
+      axis.scatter(row[x_key], 100 * row['test/accuracy'])
+      axis.annotate(row['run'], (row[x_key], 100 * row['test/accuracy']), fontsize=7,
+                    xytext=(3, 3), textcoords='offset points')
+    axis.set_xlabel(x_label)
+    axis.set_ylabel('test accuracy (%)')
+    axis.grid(alpha=0.3)
+  fig.suptitle('Sweep: accuracy against speed and cost')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,102 @@
+"""sweep.py: cross products of overrides, resumable, dry-run commands, clear errors."""
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from patchmerger import sweep
+from patchmerger.training import loop
+from tests import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECS = ['model.width=8,16', 'model.merger.num_tokens=2,4']
+
+
+def test_two_by_two_sweep_runs_four_and_resumes_nothing(tmp_path):
+  config = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2)
+  runs = sweep.parse_sweeps(config, SPECS)
+  assert runs == [{'model.width': 8, 'model.merger.num_tokens': 2},
+                  {'model.width': 8, 'model.merger.num_tokens': 4},
+                  {'model.width': 16, 'model.merger.num_tokens': 2},
+                  {'model.width': 16, 'model.merger.num_tokens': 4}]
+  trained = []
+
+  def train_fn(run_config, workdir):
+    trained.append((run_config.model.width, run_config.model.merger.num_tokens))
+    return tiny.run(workdir, run_config)
+
+  rows = sweep.run_sweep(config, str(tmp_path), runs, train_fn, loop.validate)
+  assert trained == [(8, 2), (8, 4), (16, 2), (16, 4)]
+  assert sorted(os.listdir(tmp_path)) == ['width=16,num_tokens=2', 'width=16,num_tokens=4',
+                                          'width=8,num_tokens=2', 'width=8,num_tokens=4']
+  assert {r['run'] for r in rows} == {'width=8,num_tokens=2', 'width=8,num_tokens=4',
+                                      'width=16,num_tokens=2', 'width=16,num_tokens=4'}
+  assert all(r['step'] == 2 and 0 <= r['test/accuracy'] <= 1 for r in rows)
+  # The wider model costs more: the table's GFLOPs come from each run.
+  assert rows[2]['gflops_per_image'] > rows[0]['gflops_per_image']
+  table = sweep.write_results(str(tmp_path), rows, list(runs[0]))
+  assert len(table.splitlines()) == 2 + 4
+  with open(tmp_path / 'results.csv') as f:
+    assert len(f.read().strip().splitlines()) == 1 + 4
+  with open(tmp_path / 'results.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  again = sweep.run_sweep(config, str(tmp_path), runs, train_fn, loop.validate)
+  assert len(trained) == 4 and all(r['skipped'] for r in again)
+  assert [r['test/accuracy'] for r in again] == [r['test/accuracy'] for r in rows]
+
+
+def _run_sweep_cli(*args):
+  result = subprocess.run([sys.executable, 'sweep.py', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+  return result.returncode, result.stdout, result.stderr
+
+
+def test_dry_run_prints_valid_train_commands(tmp_path):
+  code, stdout, stderr = _run_sweep_cli(
+      '--config=configs/fashion_mnist.py:steps=100', f'--workdir={tmp_path}',
+      '--config.batch_size=64', *(f'--sweep={s}' for s in SPECS), '--dry_run')
+  assert code == 0, stderr[-2000:]
+  commands = stdout.strip().splitlines()
+  assert len(commands) == 4
+  seen = set()
+  for command in commands:
+    argv = shlex.split(command)
+    assert argv[:2] == ['python', 'train.py']
+    parser = flags.FlagValues()  # train.py's own config flag, parsed the same way.
+    config_flags.DEFINE_config_file('config', None, '', flag_values=parser, lock_config=True,
+                                    sys_argv=argv[1:])
+    flags.DEFINE_string('workdir', None, '', flag_values=parser)
+    parser([argv[1], *argv[2:]])
+    config = parser.config
+    assert config.total_steps == 100 and config.batch_size == 64
+    seen.add((config.model.width, config.model.merger.num_tokens))
+    assert parser.workdir.startswith(str(tmp_path))
+  assert seen == {(8, 2), (8, 4), (16, 2), (16, 4)}
+  assert not os.listdir(tmp_path)  # A dry run trains nothing.
+
+
+@pytest.mark.parametrize('spec,message', [
+    ('model.widht=8,16', "Unknown sweep key 'model.widht'"),
+    ('model.width=', 'at least one value'),
+    ('model.width=8,wide', "Sweep value 'wide' for model.width is not a int"),
+    ('lr.base=fast', "Sweep value 'fast' for lr.base is not a float"),
+])
+def test_bad_sweeps_fail_before_any_run(spec, message, tmp_path):
+  code, _, stderr = _run_sweep_cli('--config=configs/fashion_mnist.py', f'--workdir={tmp_path}',
+                                   f'--sweep={spec}')
+  assert code == 2 and 'Traceback' not in stderr, stderr[-2000:]
+  assert message in stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_config_get_sweep_dry_run(tmp_path):
+  code, stdout, stderr = _run_sweep_cli('--config=configs/fashion_mnist.py',
+                                        f'--workdir={tmp_path}', '--dry_run')
+  assert code == 0, stderr[-2000:]
+  lines = stdout.strip().splitlines()
+  assert len(lines) == 4 and all('--config.model.mlp_dim=' in l for l in lines)
