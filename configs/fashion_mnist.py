@@ -17,6 +17,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, variant='Ti/8', merger='8', steps=2500)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
 
   # Data: TFDS `fashion_mnist`, prepared offline from Debian's package on first use.
   config.dataset = 'fashion_mnist'

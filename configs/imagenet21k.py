@@ -16,6 +16,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, variant='B/16', merger='8', epochs=90)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
 
   config.dataset = 'imagenet21k'       # TFDS name; prepare it as TFDS documents
   config.data_dir = config_dict.placeholder(str)

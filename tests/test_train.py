@@ -33,8 +33,8 @@ def test_one_training_step_for_every_config(name, tmp_path):
   config.update(batch_size=4, total_steps=1, log_every=1, eval_every=1, checkpoint_every=1)
   config.input.shuffle_buffer = 8
   config.mesh = dict(data=-1, fsdp=1)
-  if config.dataset not in tfds.list_builders():  # e.g. imagenet21k: mock a look-alike.
-    config.dataset = 'imagenet2012'
+  if config.dataset not in tfds.list_builders():  # e.g. imagenet21k, digits: a look-alike.
+    config.dataset = 'mnist' if config.input.channels == 1 else 'imagenet2012'
   with tfds.testing.mock_data(num_examples=8):
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     summary = loop.train(config, str(tmp_path), builder)

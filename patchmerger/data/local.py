@@ -59,10 +59,46 @@ def prepare_fashion_mnist(data_dir: Optional[str],
   return tfds.builder('fashion_mnist', data_dir=data_dir)
 
 
+def _sklearn_data_dir() -> str:
+  try:
+    import sklearn.datasets
+  except ImportError:
+    return '/nonexistent/sklearn'
+  return os.path.join(os.path.dirname(sklearn.datasets.__file__), 'data')
+
+
+DIGITS_TEST_EXAMPLES = 360  # A fixed 20% of the 1,797 images.
+
+
+def prepare_digits(data_dir: Optional[str], source_dir: str = '') -> tfds.core.DatasetBuilder:
+  """scikit-learn's real 8x8 handwritten digits as a TFDS dataset `digits`
+  (uint8 images [8, 8, 1] scaled from 0..16, labels 0-9; a fixed train/test split)."""
+  del source_dir  # scikit-learn knows where its copy lives.
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int64)
+  order = np.random.default_rng(0).permutation(len(labels))
+  test, train = order[:DIGITS_TEST_EXAMPLES], order[DIGITS_TEST_EXAMPLES:]
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(8, 8, 1)),
+      'label': tfds.features.ClassLabel(num_classes=10)})
+  splits = {name: tf.data.Dataset.from_tensor_slices({'image': images[idx], 'label': labels[idx]})
+            for name, idx in (('train', train), ('test', test))}
+  logging.info('Preparing TFDS digits from scikit-learn')
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='digits', version='1.0.0', features=features, split_datasets=splits,
+      data_dir=data_dir or tfds.core.constants.DATA_DIR,
+      description='scikit-learn load_digits(): 1,797 real 8x8 handwritten digits.')
+  return tfds.builder('digits', data_dir=data_dir)
+
+
 # Datasets we can prepare without network: name -> (preparer, its source dir).
-LOCAL_SOURCES = {'fashion_mnist': (prepare_fashion_mnist, FASHION_MNIST_DIR)}
+LOCAL_SOURCES = {'fashion_mnist': (prepare_fashion_mnist, FASHION_MNIST_DIR),
+                 'digits': (prepare_digits, _sklearn_data_dir())}
 HOW_TO_GET = {
     'fashion_mnist': 'apt-get install dataset-fashion-mnist (Debian), then run again',
+    'digits': 'pip install scikit-learn, then run again',
     'imagenet2012': ('download ILSVRC2012_img_{train,val}.tar into DATA_DIR/downloads/manual, '
                      'then: tfds build imagenet2012 --data_dir=DATA_DIR'),
     'imagenet21k': ('TFDS 4.9 has no ImageNet-21k builder: write the images as a TFDS '
@@ -77,6 +113,9 @@ def ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuil
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:  # Neither registered nor in data_dir.
+    if name in LOCAL_SOURCES and os.path.isdir(LOCAL_SOURCES[name][1]):
+      prepare, source_dir = LOCAL_SOURCES[name]
+      return prepare(data_dir, source_dir)
     raise DatasetNotPreparedError(
         f'Dataset {name!r} is not a TFDS dataset and not prepared in {where}. '
         f'To get it: {HOW_TO_GET.get(name, "prepare it in TFDS format in DATA_DIR")}.') from None

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from clu import parameter_overview, periodic_actions
 
-from patchmerger import flops
+from patchmerger import flops, pretrained
 from patchmerger.data import input_pipeline
 from patchmerger.models import build_model
 from patchmerger.training import checkpoint, metrics, sharding, state as state_lib, step
@@ -173,6 +173,11 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   restored = checkpoint.restore_latest(manager, state)
   state = restored if restored is not None else state
   start_step = int(state.step)
+  if restored is None and config.get('init_from'):  # Fine-tuning: start from weights.
+    params, report = pretrained.adapt(pretrained.load(config.init_from), state.params,
+                                      has_cls=model.classifier == 'token')
+    pretrained.log_report(report)
+    state = state.replace(params=jax.device_put(params, state_sharding.params))
   # Only now, with the checkpoint known to fit, does the run add files to workdir.
   writer = metrics.create_writer(workdir, is_main)
   state_mib = sharding.bytes_per_device(state) / 2 ** 20
