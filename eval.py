@@ -16,6 +16,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the ru
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds checkpoints/).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+_PICTURES = flags.DEFINE_boolean('merge_pictures', True,
+                                 'Draw WORKDIR/merge_pictures.png (models with a merger).')
+_EXPORT = flags.DEFINE_string('export_npz', None, 'Also export the parameters to this .npz '
+                              '(google-research/vision_transformer layout).')
 flags.mark_flags_as_required(['config', 'workdir'])
 # Multi-process runs; each defaults to its JAX_* environment variable.
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -37,12 +41,25 @@ def main(argv):
                                           _NUM_PROCESSES.value, _PROCESS_ID.value)
     loop.validate(config)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
-    results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value)
+    has_merger = config.model.merger is not None
+    pictures = os.path.join(_WORKDIR.value, 'merge_pictures.png')
+    results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value,
+                                       pictures_path=pictures if _PICTURES.value and has_merger
+                                       else None, export_path=_EXPORT.value)
     if jax.process_index() == 0:
       with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)
-    print(f'Checkpoint step {results["step"]}: test accuracy {results["test/accuracy"]:.4f}, '
-          f'test loss {results["test/loss"]:.4f} on {results["test/examples"]} examples.')
+    print(f'Checkpoint step {results["step"]} on {results["test/examples"]} test examples:')
+    print(f'  test accuracy      {results["test/accuracy"]:.4f}')
+    print(f'  test loss          {results["test/loss"]:.4f}')
+    print(f'  inference          {results["test/images_per_sec"]:.0f} images/s')
+    for key in sorted(k for k in results if k.startswith('fewshot/')):
+      print(f'  {key:<18} {results[key]:.4f}')
+    print('  per class          ' + ' '.join(f'{a:.3f}' for a in results['test/class_accuracy']))
+    if _PICTURES.value and has_merger:
+      print(f'Merge pictures: {pictures}')
+    if _EXPORT.value:
+      print(f'Exported parameters: {_EXPORT.value}')
 
   cli.run_reporting_errors(run)
 

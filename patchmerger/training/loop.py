@@ -13,10 +13,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from clu import parameter_overview, periodic_actions
 
-from patchmerger import flops, pretrained
+from patchmerger import flops, merge_pictures, pretrained
 from patchmerger.data import input_pipeline
 from patchmerger.models import build_model
-from patchmerger.training import checkpoint, metrics, sharding, state as state_lib, step
+from patchmerger.training import (checkpoint, evaluators, metrics, sharding, state as state_lib,
+                                  step)
 
 
 def _check_config(config: Any) -> None:
@@ -108,17 +109,31 @@ def validate(config: Any) -> None:
   jax.eval_shape(model.init, jax.random.key(0), images)
 
 
-def evaluate(eval_fn, params, eval_data, data_sharding, batch_size: int) -> dict:
-  """Test loss and accuracy over the whole split (padding masked out)."""
+def evaluate(eval_fn, params, eval_data, data_sharding, batch_size: int,
+             per_class: bool = False) -> dict:
+  """Test loss and accuracy over the whole split (padding masked out); with
+  `per_class`, also 'test/class_accuracy' (a list) and inference images/s."""
   data, num_batches = eval_data
   totals = None
+  start, examples = None, 0
   for local in input_pipeline.padded_batches(data, num_batches, batch_size):
     sums = eval_fn(params, sharding.global_batch(local, data_sharding))
+    if start is None:  # The first call compiles: leave it out of the speed.
+      jax.block_until_ready(sums)
+      start = time.perf_counter()
+    else:
+      examples += batch_size * jax.process_count()
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  return {'test/loss': float(totals['loss_sum'] / totals['count']),
-          'test/accuracy': float(totals['correct'] / totals['count']),
-          'test/examples': int(totals['count'])}
+  elapsed = time.perf_counter() - start
+  results = {'test/loss': float(totals['loss_sum'] / totals['count']),
+             'test/accuracy': float(totals['correct'] / totals['count']),
+             'test/examples': int(totals['count'])}
+  if per_class:
+    counts = np.maximum(totals['class_count'], 1)
+    results['test/class_accuracy'] = [float(a) for a in totals['class_correct'] / counts]
+    results['test/images_per_sec'] = examples / elapsed if examples else float('nan')
+  return results
 
 
 def _setup(config: Any):
@@ -135,10 +150,15 @@ def _setup(config: Any):
 
 
 def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBuilder,
-                        step_number: int = None) -> dict:
-  """Restores a checkpoint of `workdir` and evaluates it on the test split."""
+                        step_number: int = None, fewshot: bool = True,
+                        pictures_path: Optional[str] = None,
+                        export_path: Optional[str] = None) -> dict:
+  """Restores a checkpoint of `workdir` and evaluates it on the test split: loss,
+  accuracy, per-class accuracy, inference images/s and (when the config has a
+  `fewshot` section) few-shot probes. Optionally draws the merge pictures of the
+  first test images and exports the parameters as a public-layout `.npz`."""
   _check_config(config)
-  model, mesh, _, state, state_sharding = _setup(config)
+  model, mesh, image_shape, state, state_sharding = _setup(config)
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
   step_number = manager.latest_step() if step_number is None else step_number
   if step_number is None:
@@ -149,8 +169,21 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
                     in_shardings=(state_sharding.params, data_sharding))
   eval_data = input_pipeline.eval_dataset(builder, config.test_split, config.input, local_batch)
-  return {'step': int(state.step),
-          **evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch)}
+  results = {'step': int(state.step),
+             **evaluate(eval_fn, state.params, eval_data, data_sharding, local_batch,
+                        per_class=True)}
+  if fewshot and config.get('fewshot'):
+    results.update(evaluators.fewshot_eval(model, state.params, state_sharding.params, mesh,
+                                           builder, config, local_batch))
+  if pictures_path and jax.process_index() == 0:
+    data, _ = input_pipeline.eval_dataset(builder, f'{config.test_split}[:4]', config.input, 4)
+    images = next(data.as_numpy_iterator())['image']
+    params = jax.device_get(state.params)
+    weights = merge_pictures.merge_weights(model, params, images)
+    merge_pictures.draw(images, weights, pictures_path, config.input.mean, config.input.std)
+  if export_path and jax.process_index() == 0:
+    pretrained.export_npz(state.params, export_path)
+  return results
 
 
 def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -> dict:
@@ -221,6 +254,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
           f'Last good checkpoint: step {manager.latest_step()} in '
           f'{checkpoint.checkpoint_dir(workdir)}.')
 
+  fewshot_every = config.fewshot.every if config.get('fewshot') else 0
   summary = {'train/skipped_updates': 0}
   pending = []
   timer_start, excluded, timed_steps = None, 0.0, 0
@@ -259,6 +293,11 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
         summary.update(test_metrics)
         logging.info('step %d: test accuracy %.4f, loss %.4f', step_index,
                      test_metrics['test/accuracy'], test_metrics['test/loss'])
+      if fewshot_every and (step_index % fewshot_every == 0 or last):
+        fewshot_metrics = evaluators.fewshot_eval(
+            model, state.params, state_sharding.params, mesh, builder, config, local_batch)
+        writer.write_scalars(step_index, fewshot_metrics)
+        summary.update(fewshot_metrics)
       if saving:
         checkpoint.save(manager, step_index, state)
       excluded += time.perf_counter() - t0

@@ -69,5 +69,7 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Any,
   mask = batch['mask']
   per_example = classification_loss(logits, batch['label'], loss)
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  per_class = jax.nn.one_hot(batch['label'], logits.shape[-1]) * mask[:, None]
   return {'loss_sum': jnp.sum(per_example * mask), 'correct': jnp.sum(correct * mask),
-          'count': jnp.sum(mask)}
+          'count': jnp.sum(mask), 'class_count': per_class.sum(0),
+          'class_correct': (per_class * correct[:, None]).sum(0)}

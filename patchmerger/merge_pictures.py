@@ -1,0 +1,53 @@
+"""Pictures of what each merged token looks at: the first PatchMerger's weights
+over the input patches, upsampled onto the image (like the paper's figures)."""
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def merge_weights(model: Any, params: Any, images: np.ndarray) -> np.ndarray:
+  """[batch, M, grid_h, grid_w] weights of the first merger over the patch grid."""
+  if not model.mergers:
+    raise ValueError('This model has no PatchMerger: no merge weights to draw.')
+  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  first_block = min(block for block, _ in model.mergers)
+  weights = np.asarray(jax.device_get(
+      state['intermediates']['Transformer'][f'patchmerger_{first_block}']['merge_weights'][0]))
+  grid = int(round(np.sqrt(weights.shape[-1])))
+  return weights.reshape(*weights.shape[:2], grid, grid)
+
+
+def draw(images: np.ndarray, weights: np.ndarray, path: str, mean: float = 0.,
+         std: float = 1.) -> int:
+  """One row per image: the image, then one heatmap per merged token; returns the
+  number of token panels drawn."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  num_images, num_tokens = weights.shape[:2]
+  fig, axes = plt.subplots(num_images, num_tokens + 1, squeeze=False,
+                           figsize=(1.4 * (num_tokens + 1), 1.5 * num_images))
+  panels = 0
+  for row in range(num_images):
+    image = np.clip(images[row] * std + mean, 0, 1)
+    image = image[..., 0] if image.shape[-1] == 1 else image
+    size = image.shape[:2]
+    axes[row, 0].imshow(image, cmap='gray')
+    axes[row, 0].set_title('input' if row == 0 else '', fontsize=7)
+    for token in range(num_tokens):
+      grid = weights[row, token]
+      heat = np.kron(grid, np.ones((size[0] // grid.shape[0], size[1] // grid.shape[1])))
+      axis = axes[row, token + 1]
+      axis.imshow(image, cmap='gray')
+      axis.imshow(heat, cmap='inferno', alpha=0.6, vmin=0, vmax=grid.max())
+      if row == 0:
+        axis.set_title(f'token {token}', fontsize=7)
+      panels += 1
+  for axis in axes.ravel():
+    axis.axis('off')
+  fig.suptitle('PatchMerger: weight of each input patch in each merged token', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return panels

@@ -1,0 +1,53 @@
+"""Evaluations beyond test accuracy: few-shot linear probes on the pre-logits."""
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from patchmerger import fewshot
+from patchmerger.data import input_pipeline
+from patchmerger.training import sharding
+
+
+def features_fn(model: Any, params_sharding: Any, data_sharding: Any):
+  """Jitted images -> pre-logits (the features the head reads)."""
+  def features(params, images):
+    _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+    return state['intermediates']['features'][0]
+  return jax.jit(features, in_shardings=(params_sharding, data_sharding))
+
+
+def _features(fn, params, builder, split: str, input_config, batch_size: int, data_sharding):
+  data, num_batches = input_pipeline.eval_dataset(builder, split, input_config, batch_size)
+  outputs, labels = [], []
+  for local in input_pipeline.padded_batches(data, num_batches, batch_size):
+    out = fn(params, sharding.global_batch({'image': local['image']}, data_sharding)['image'])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+      mask = multihost_utils.process_allgather(local['mask'], tiled=True)
+      label = multihost_utils.process_allgather(local['label'], tiled=True)
+    else:
+      mask, label = local['mask'], local['label']
+    keep = np.asarray(mask).astype(bool)
+    outputs.append(np.asarray(jax.device_get(out))[keep])
+    labels.append(np.asarray(label)[keep])
+  return np.concatenate(outputs), np.concatenate(labels)
+
+
+def fewshot_eval(model: Any, params: Any, params_sharding: Any, mesh: Any,
+                 builder: tfds.core.DatasetBuilder, config: Any, batch_size: int) -> dict:
+  """{'fewshot/Kshot': accuracy}: probes fitted on K train examples per class
+  (from the first `fewshot.pool_examples` of the train split), scored on the
+  first `fewshot.test_examples` test examples."""
+  settings = config.fewshot
+  data_sharding = sharding.batch_sharding(mesh)
+  fn = features_fn(model, params_sharding, data_sharding)
+  get = functools.partial(_features, fn, params, builder, input_config=config.input,
+                          batch_size=batch_size, data_sharding=data_sharding)
+  train = get(split=f'{config.train_split}[:{settings.pool_examples}]')
+  test = get(split=f'{config.test_split}[:{settings.test_examples}]')
+  return fewshot.fewshot_accuracies(train, test, config.num_classes, tuple(settings.shots),
+                                    seed=config.seed, l2=settings.l2)

@@ -1,0 +1,79 @@
+"""Few-shot probes, merge pictures and the full checkpoint evaluation."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from matplotlib import image as mpimg
+
+from patchmerger import fewshot, merge_pictures, pretrained
+from patchmerger.models import build_model
+from patchmerger.training import loop
+from tests import tiny
+
+
+def test_fewshot_separable_problem_is_solved():
+  rng = np.random.default_rng(1)
+  centres = rng.standard_normal((5, 16)) * 4
+  labels = np.repeat(np.arange(5), 70)
+  x = centres[labels] + 0.3 * rng.standard_normal((len(labels), 16))
+  train, test = (x[::2], labels[::2]), (x[1::2], labels[1::2])
+  results = fewshot.fewshot_accuracies(train, test, 5, shots=(1, 5, 10))
+  assert results['fewshot/5shot'] >= 0.99 and results['fewshot/10shot'] >= 0.99
+
+
+def test_fewshot_random_labels_are_at_chance():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4000, 32))
+  y = rng.integers(0, 10, 4000)
+  results = fewshot.fewshot_accuracies((x[:2000], y[:2000]), (x[2000:], y[2000:]), 10,
+                                       shots=(25,))
+  assert abs(results['fewshot/25shot'] - 0.1) < 0.03
+
+
+def test_sample_shots_takes_k_per_class():
+  labels = np.array([0, 1, 2] * 10)
+  chosen = fewshot.sample_shots(labels, 4, 3)
+  assert sorted(np.bincount(labels[chosen])) == [4, 4, 4] and len(set(chosen)) == 12
+
+
+def test_merge_picture_has_one_panel_per_merged_token(tmp_path):
+  config = tiny.tiny_config()
+  model = build_model(config.model, 10)  # merger 4@1 over a 4x4 grid
+  import jax
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
+  params = model.init(jax.random.key(0), images)['params']
+  weights = merge_pictures.merge_weights(model, params, images)
+  assert weights.shape == (2, 4, 4, 4)
+  np.testing.assert_allclose(weights.sum((2, 3)), 1, rtol=1e-5)  # Softmax over the patches.
+  panels = merge_pictures.draw(images, weights, str(tmp_path / 'm.png'))
+  assert panels == 2 * 4
+  picture = mpimg.imread(str(tmp_path / 'm.png'))
+  assert picture.ndim == 3 and picture.shape[1] > picture.shape[0]  # A 2 x 5 grid of panels.
+
+
+def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
+  config = tiny.tiny_config(total_steps=3)
+  config.fewshot.update(shots=(1, 2), pool_examples=48, test_examples=48)
+  summary = tiny.run(str(tmp_path), config)
+  with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES):
+    builder = tfds.builder(config.dataset)
+    results = loop.evaluate_checkpoint(config, str(tmp_path), builder,
+                                       pictures_path=str(tmp_path / 'merge.png'),
+                                       export_path=str(tmp_path / 'w.npz'))
+  assert results['test/accuracy'] == summary['test/accuracy']
+  counts = len(results['test/class_accuracy'])
+  assert counts == 10 and all(0 <= a <= 1 for a in results['test/class_accuracy'])
+  assert set(k for k in results if k.startswith('fewshot/')) == {'fewshot/1shot',
+                                                                 'fewshot/2shot'}
+  assert results['test/images_per_sec'] > 0
+  assert (tmp_path / 'merge.png').read_bytes()[:4] == b'\x89PNG'
+  # The exported weights reproduce the checkpoint's logits.
+  model = build_model(config.model, 10)
+  *_, state, _ = loop._setup(config)
+  from patchmerger.training import checkpoint
+  restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 5), 3, state)
+  adapted, report = pretrained.adapt(pretrained.load_npz(str(tmp_path / 'w.npz')),
+                                     restored.params, has_cls=False)
+  assert not report['new'] and not report['dropped']
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
+  np.testing.assert_array_equal(model.apply({'params': adapted}, images),
+                                model.apply({'params': restored.params}, images))
