@@ -5,6 +5,7 @@ r"""Runs a sweep: the cross product of config overrides, one run after another.
   python sweep.py ... --dry_run        # one train.py command per run, for a launcher
 
 Without --sweep, the config file's get_sweep() (a list of override dicts) is used.
+Keys `arg.NAME` sweep the config's arg string: --sweep=arg.merger=none,4,8.
 Each run trains in WORKDIR/<overrides>; running the same sweep again skips
 finished runs and resumes unfinished ones. Results: a Markdown table on stdout,
 WORKDIR/results.csv and WORKDIR/results.png.
@@ -26,11 +27,17 @@ _DRY_RUN = flags.DEFINE_boolean('dry_run', False, 'Print the train.py commands, 
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _config_sweep(config_arg: str) -> list:
-  path, _, arg = config_arg.partition(':')
+def _config_module(config_arg: str):
+  path = config_arg.partition(':')[0]
   spec = importlib.util.spec_from_file_location('swept_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def _config_sweep(config_arg: str) -> list:
+  path, _, arg = config_arg.partition(':')
+  module = _config_module(config_arg)
   if not hasattr(module, 'get_sweep'):
     raise ValueError(f'Give --sweep=KEY=VALUES, or define get_sweep() in {path}.')
   return module.get_sweep(arg or None)
@@ -50,8 +57,17 @@ def main(argv):
     else:
       runs = _config_sweep(config_arg)
     keys = list(dict.fromkeys(k for r in runs for k in r))
+    module = _config_module(config_arg)
+    base_overrides = dict(flag[len('--config.'):].split('=', 1) for flag in base_flags)
+
+    def config_for(overrides):  # The config file rebuilt with the run's arg string.
+      arg = sweep.with_arg_overrides(config_arg, overrides).partition(':')[2]
+      base = module.get_config(arg or None)
+      typed = {k: sweep.typed_value(base, k, v) for k, v in base_overrides.items()}
+      return sweep.apply_overrides(base, typed)
+
     for overrides in runs:  # Unknown keys and wrong types fail before anything runs.
-      sweep.apply_overrides(config, overrides)
+      sweep.apply_overrides(config_for(overrides), overrides)
     if _DRY_RUN.value:
       for overrides in runs:
         print(sweep.train_command(config_arg, base_flags,
@@ -62,7 +78,7 @@ def main(argv):
     builder = local.ensure_prepared(config.dataset, config.data_dir)
     rows = sweep.run_sweep(config, root, runs,
                            train_fn=lambda c, w: loop.train(c, w, builder),
-                           validate_fn=loop.validate)
+                           validate_fn=loop.validate, config_for=config_for)
     print(sweep.write_results(root, rows, keys))
     print(f'\n{sum(not r["skipped"] for r in rows)} runs trained, '
           f'{sum(r["skipped"] for r in rows)} already finished; table in '

@@ -13,6 +13,7 @@ A merger setting is `none` or `M@FRACTION` (before block round(FRACTION x depth)
 """
 import functools
 import json
+import os
 import statistics
 import time
 from fractions import Fraction
@@ -36,6 +37,8 @@ _BATCH = flags.DEFINE_integer('batch_size', 8, 'Images per timed call.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
 _CALLS = flags.DEFINE_integer('calls', 2, 'Calls per timed repeat.')
 _TRAIN = flags.DEFINE_boolean('train', True, 'Also time the training step (AdamW).')
+_HF = flags.DEFINE_boolean('hf_reference', True, 'Time Hugging Face transformers\' PyTorch '
+                           'ViT on the same weights beside each plain NAME/PATCH model.')
 _JSON = flags.DEFINE_string('json', None, 'Write one JSON record per row here.')
 _PLOT = flags.DEFINE_string('plot', None, 'Write a PNG (speedup vs FLOPs ratio) here.')
 
@@ -100,6 +103,8 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
              params=flops.count_params(params)['total'], compile_s=compile_s,
              infer_mem_mib=_memory_mib(compiled),
              infer_img_s=_median_rate(lambda: compiled(params, images), batch, repeats, calls))
+  if _HF.value and merger == 'none' and variant != 'fmnist':
+    row.update(hf_reference(model, params, images, batch, repeats, calls))
   if train:
     config = fashion_mnist.get_config()
     state = state_lib.TrainState.create(apply_fn=model.apply, params=params,
@@ -117,6 +122,32 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
   return row
 
 
+def hf_reference(model, params, images, batch: int, repeats: int, calls: int) -> dict:
+  """The same forward pass in transformers' ViTForImageClassification (PyTorch,
+  CPU threads = cores), on the same weights; {} when torch is not installed."""
+  try:
+    import torch
+    from patchmerger import hf_convert, pretrained
+  except ImportError:
+    return {}
+  if model.classifier != 'token' or model.conv_stem or model.representation_size:
+    token_model = model.clone(classifier='token')  # HF's ViT reads the class token.
+    params = jax.jit(token_model.init)(jax.random.key(0), images[:1])['params']
+    model = token_model
+  reference = hf_convert.hf_model(pretrained.flatten(params), model.num_heads,
+                                  images.shape[1])
+  pixels = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
+  ours = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  jax.block_until_ready(ours(params, images))
+  torch.set_num_threads(os.cpu_count())
+  with torch.inference_mode():
+    reference(pixel_values=pixels)  # Warm-up.
+    hf_rate = _median_rate(lambda: reference(pixel_values=pixels).logits, batch, repeats, calls)
+  ours_rate = _median_rate(lambda: ours(params, images), batch, repeats, calls)
+  return {'hf_infer_img_s': hf_rate, 'ours_token_infer_img_s': ours_rate,
+          'ours_vs_hf': ours_rate / hf_rate}
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
   """Speedups and FLOPs ratios against the plain (`none`) row of each variant."""
   plain = {r['variant']: r for r in rows if r['merger'] == 'none'}
@@ -131,7 +162,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
   columns = ['variant', 'merger', 'gflops', 'params', 'flops_ratio', 'infer_img_s',
-             'speedup_infer', 'train_img_s', 'speedup_train', 'compile_s', 'infer_mem_mib']
+             'speedup_infer', 'train_img_s', 'speedup_train', 'compile_s', 'infer_mem_mib',
+             'hf_infer_img_s', 'ours_vs_hf']
   def cell(value):
     if value is None:
       return '-'

@@ -34,7 +34,7 @@ def _field_type(config: ml_collections.ConfigDict, key: str) -> type:
     node = node[part]
 
 
-def _typed(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
+def typed_value(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
   """`text` as a value of `key`'s type: '8' -> 8 for ints, 'Ti/4' stays a str."""
   kind = _field_type(config, key)
   if kind is str:
@@ -56,8 +56,12 @@ def _typed(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
   return value
 
 
+ARG_PREFIX = 'arg.'  # `arg.merger=none,8` sweeps the config's arg string.
+
+
 def parse_sweeps(config: ml_collections.ConfigDict, specs: Sequence[str]) -> list[Overrides]:
-  """['a.b=1,2', 'c=x,y'] -> the cross product as override dicts, typed and checked."""
+  """['a.b=1,2', 'c=x,y'] -> the cross product as override dicts, typed and checked.
+  Keys `arg.NAME` stay strings: they change NAME in the config's arg string."""
   axes = []
   for spec in specs:
     key, sep, values = spec.partition('=')
@@ -66,7 +70,10 @@ def parse_sweeps(config: ml_collections.ConfigDict, specs: Sequence[str]) -> lis
     if not key or not texts:
       raise ValueError(f'Bad sweep {spec!r}: expected KEY=VALUE,VALUE,... with at least '
                        'one value.')
-    axes.append([(key, _typed(config, key, text)) for text in texts])
+    if key.startswith(ARG_PREFIX):
+      axes.append([(key, text) for text in texts])
+    else:
+      axes.append([(key, typed_value(config, key, text)) for text in texts])
   return [dict(combination) for combination in itertools.product(*axes)]
 
 
@@ -74,6 +81,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides
                     ) -> ml_collections.ConfigDict:
   config = copy.deepcopy(config)
   for key, value in overrides.items():
+    if key.startswith(ARG_PREFIX):
+      continue  # Already in the arg string the config was built from.
     _field_type(config, key)  # Unknown keys fail with one line.
     *parents, leaf = key.split('.')
     node = config
@@ -94,26 +103,40 @@ def run_name(overrides: Overrides) -> str:
   return re.sub(r'[^\w.=,+@-]', '_', text)
 
 
+def with_arg_overrides(config_arg: str, overrides: Overrides) -> str:
+  """'configs/x.py:variant=B/16' + {'arg.merger': 'none'} -> 'configs/x.py:variant=B/16,merger=none'."""
+  path, _, arg = config_arg.partition(':')
+  items = dict(item.split('=', 1) for item in filter(None, arg.split(',')) if '=' in item)
+  items.update({k[len(ARG_PREFIX):]: str(v) for k, v in overrides.items()
+                if k.startswith(ARG_PREFIX)})
+  return path + (':' + ','.join(f'{k}={v}' for k, v in items.items()) if items else '')
+
+
 def train_command(config_arg: str, base_flags: Sequence[str], workdir: str,
                   overrides: Overrides) -> str:
   """The `train.py` command line of one run, for a cluster launcher."""
   def flag_value(value):
     return str(value) if not isinstance(value, tuple) else repr(value)
-  parts = ['python', 'train.py', f'--config={config_arg}', *base_flags,
-           *(f'--config.{k}={flag_value(v)}' for k, v in overrides.items()),
+  parts = ['python', 'train.py', f'--config={with_arg_overrides(config_arg, overrides)}',
+           *base_flags,
+           *(f'--config.{k}={flag_value(v)}' for k, v in overrides.items()
+             if not k.startswith(ARG_PREFIX)),
            f'--workdir={workdir}']
   return ' '.join(shlex.quote(p) for p in parts)
 
 
 def run_sweep(config: ml_collections.ConfigDict, root: str, runs: Sequence[Overrides],
               train_fn: Callable[[ml_collections.ConfigDict, str], dict],
-              validate_fn: Optional[Callable[[ml_collections.ConfigDict], None]] = None
+              validate_fn: Optional[Callable[[ml_collections.ConfigDict], None]] = None,
+              config_for: Optional[Callable[[Overrides], ml_collections.ConfigDict]] = None
               ) -> list[dict]:
   """Runs each override set in ROOT/<name>, one after another; returns one row per run.
 
-  All run configs are built and validated before the first run starts.
+  `config_for(overrides)` builds a run's base config (needed for `arg.` keys);
+  by default every run starts from `config`. All run configs are built and
+  validated before the first run starts.
   """
-  configs = [apply_overrides(config, overrides) for overrides in runs]
+  configs = [apply_overrides(config_for(o) if config_for else config, o) for o in runs]
   if validate_fn:
     for run_config in configs:
       validate_fn(run_config)

@@ -13,15 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_throughput_benchmark_runs_and_computes_ratios_from_its_measurements(tmp_path):
   out_json, out_png = tmp_path / 'rows.json', tmp_path / 'plot.png'
   result = subprocess.run(
-      [sys.executable, 'benchmarks/throughput.py', '--variants=Ti/8', '--image_size=32',
-       '--mergers=none,2@1/2,4@1/4', '--batch_size=2', '--repeats=2', '--calls=1',
+      [sys.executable, 'benchmarks/throughput.py', '--variants=Ti/8', '--image_size=16',
+       '--mergers=none,2@1/4', '--batch_size=2', '--repeats=2', '--calls=1',
        f'--json={out_json}', f'--plot={out_png}'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads(out_json.read_text())
-  assert [r['merger'] for r in rows] == ['none', '2@1/2', '4@1/4']
-  assert [r['mergers'] for r in rows] == [[], [[6, 2]], [[3, 4]]]  # Ti has 12 blocks.
+  assert [r['merger'] for r in rows] == ['none', '2@1/4']
+  assert [r['mergers'] for r in rows] == [[], [[3, 2]]]  # Ti has 12 blocks.
   for row in rows:
     for key in ('variant', 'merger', 'gflops', 'params', 'infer_img_s', 'train_img_s',
                 'speedup_infer', 'flops_ratio', 'compile_s'):
@@ -30,6 +30,11 @@ def test_throughput_benchmark_runs_and_computes_ratios_from_its_measurements(tmp
     assert row['speedup_infer'] == row['infer_img_s'] / rows[0]['infer_img_s']
     assert row['flops_ratio'] == rows[0]['gflops'] / row['gflops']
   assert rows[0]['flops_ratio'] == 1.0 and rows[1]['flops_ratio'] > 1.0
-  assert rows[2]['gflops'] < rows[1]['gflops']  # An earlier merger saves more.
-  assert '| Ti/8 | 2@1/2 |' in result.stdout
+  assert '| Ti/8 | 2@1/4 |' in result.stdout
+  try:
+    import torch, transformers  # noqa: F401  The reference is timed when it is installed.
+  except ImportError:
+    return
+  assert rows[0]['hf_infer_img_s'] > 0
+  assert rows[0]['ours_vs_hf'] == rows[0]['ours_token_infer_img_s'] / rows[0]['hf_infer_img_s']
   assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -100,3 +100,22 @@ def test_config_get_sweep_dry_run(tmp_path):
   assert code == 0, stderr[-2000:]
   lines = stdout.strip().splitlines()
   assert len(lines) == 4 and all('--config.model.mlp_dim=' in l for l in lines)
+
+
+def test_arg_string_sweep_switches_the_merger_off_and_on(tmp_path):
+  code, stdout, stderr = _run_sweep_cli(
+      '--config=configs/fashion_mnist.py:steps=50', f'--workdir={tmp_path}',
+      '--sweep=arg.merger=none,4@2', '--sweep=model.depth=4', '--dry_run')
+  assert code == 0, stderr[-2000:]
+  mergers = []
+  for command in stdout.strip().splitlines():
+    argv = shlex.split(command)
+    parser = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, '', flag_values=parser, lock_config=True,
+                                    sys_argv=argv[1:])
+    flags.DEFINE_string('workdir', None, '', flag_values=parser)
+    parser([argv[1], *argv[2:]])
+    assert parser.config.total_steps == 50 and parser.config.model.depth == 4
+    merger = parser.config.model.merger
+    mergers.append(None if merger is None else (merger.num_tokens, merger.before_block))
+  assert mergers == [None, (4, 2)]
