@@ -1,6 +1,7 @@
 r"""Evaluates the latest (or a given) checkpoint of a run on its test split.
 
   python eval.py --config=configs/fashion_mnist.py --workdir=workdirs/fashion_mnist
+  python eval.py --config=configs/fashion_mnist.py --workdir=W --checkpoint=params.npz
 
 Prints test accuracy and loss and writes WORKDIR/eval.json.
 """
@@ -16,6 +17,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file of the ru
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds checkpoints/).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Evaluate this run directory or public-'
+                                  'layout .npz instead of WORKDIR\'s checkpoint; results still '
+                                  'go to WORKDIR.')
 _PICTURES = flags.DEFINE_boolean('merge_pictures', True,
                                  'Draw WORKDIR/merge_pictures.png (models with a merger).')
 _EXPORT = flags.DEFINE_string('export_npz', None, 'Also export the parameters to this .npz '
@@ -41,11 +45,14 @@ def main(argv):
                                           _NUM_PROCESSES.value, _PROCESS_ID.value)
     loop.validate(config)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
+    if jax.process_index() == 0:
+      os.makedirs(_WORKDIR.value, exist_ok=True)
     has_merger = config.model.merger is not None
     pictures = os.path.join(_WORKDIR.value, 'merge_pictures.png')
     results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value,
                                        pictures_path=pictures if _PICTURES.value and has_merger
-                                       else None, export_path=_EXPORT.value)
+                                       else None, export_path=_EXPORT.value,
+                                       source=_CHECKPOINT.value)
     if jax.process_index() == 0:
       with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)

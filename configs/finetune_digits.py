@@ -19,8 +19,8 @@ from configs import common, fashion_mnist
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, variant='Ti/8', merger='8', steps=300)
-  upstream = fashion_mnist.get_config(f'variant={arg.variant},merger={arg.merger}')
-  config = upstream.copy_and_resolve_references()
+  # The upstream config (fresh, so it can be edited), with the downstream data and schedule.
+  config = fashion_mnist.get_config(f'variant={arg.variant},merger={arg.merger}')
   config.dataset = 'digits'
   config.num_classes = 10
   config.input.update(shuffle_buffer=2_000, mean=0.3, std=0.4)  # digits pixel statistics

@@ -151,7 +151,7 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, runs: Sequence[Overr
     else:
       start = time.perf_counter()
       summary = train_fn(run_config, workdir)
-      result = {k: summary.get(k) for k in COLUMNS if k in summary}
+      result = {k: v for k, v in summary.items() if k in COLUMNS or k.startswith('fewshot/')}
       result['wall_s'] = time.perf_counter() - start
       with open(result_path, 'w') as f:
         json.dump(result, f, indent=2)
@@ -162,7 +162,9 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, runs: Sequence[Overr
 
 def write_results(root: str, rows: Sequence[dict], keys: Sequence[str]) -> str:
   """ROOT/results.csv, ROOT/results.png; returns the Markdown table."""
-  header = ['run', *keys, *COLUMNS]
+  fewshot_keys = sorted({k for r in rows for k in r if k.startswith('fewshot/')},
+                        key=lambda k: int(k.split('/')[1].removesuffix('shot')))
+  header = ['run', *keys, 'test/accuracy', *fewshot_keys, *COLUMNS[1:]]
   with open(os.path.join(root, 'results.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, header, extrasaction='ignore')
     writer.writeheader()

@@ -4,6 +4,7 @@ import importlib
 import os
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import pytest
 
@@ -86,3 +87,18 @@ def test_parse_merger():
   assert common.parse_merger('8@3') == dict(num_tokens=8, before_block=3)
   assert common.parse_merger('16@4+8@8') == (dict(num_tokens=16, before_block=4),
                                              dict(num_tokens=8, before_block=8))
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_every_empty_field_has_a_type_so_it_can_be_overridden(name):
+  """A bare None cannot be set from the command line; placeholders can."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+
+  def untyped(node, prefix=''):
+    for key in node.keys():
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from untyped(value, f'{prefix}{key}.')
+      elif value is None and key != 'merger' and node.get_type(key) is type(None):
+        yield prefix + key
+  assert list(untyped(config)) == []

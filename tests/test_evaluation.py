@@ -66,6 +66,11 @@ def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
                                                                  'fewshot/2shot'}
   assert results['test/images_per_sec'] > 0
   assert (tmp_path / 'merge.png').read_bytes()[:4] == b'\x89PNG'
+  # eval.py --checkpoint=w.npz: the exported weights evaluate to the same accuracy.
+  with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES):
+    from_npz = loop.evaluate_checkpoint(config, str(tmp_path / 'other'), builder, fewshot=False,
+                                        source=str(tmp_path / 'w.npz'))
+  assert from_npz['test/accuracy'] == results['test/accuracy']
   # The exported weights reproduce the checkpoint's logits.
   model = build_model(config.model, 10)
   *_, state, _ = loop._setup(config)

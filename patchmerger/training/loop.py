@@ -152,18 +152,25 @@ def _setup(config: Any):
 def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBuilder,
                         step_number: int = None, fewshot: bool = True,
                         pictures_path: Optional[str] = None,
-                        export_path: Optional[str] = None) -> dict:
-  """Restores a checkpoint of `workdir` and evaluates it on the test split: loss,
+                        export_path: Optional[str] = None, source: Optional[str] = None) -> dict:
+  """Restores a checkpoint of `workdir` (or of `source`: another run directory or a
+  public-layout `.npz`) and evaluates it on the test split: loss,
   accuracy, per-class accuracy, inference images/s and (when the config has a
   `fewshot` section) few-shot probes. Optionally draws the merge pictures of the
   first test images and exports the parameters as a public-layout `.npz`."""
   _check_config(config)
   model, mesh, image_shape, state, state_sharding = _setup(config)
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  step_number = manager.latest_step() if step_number is None else step_number
-  if step_number is None:
-    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
-  state = checkpoint.restore(manager, step_number, state)
+  if source and source.endswith('.npz'):  # Public-layout weights, fitted to the config.
+    params, report = pretrained.adapt(pretrained.load_npz(source), state.params,
+                                      has_cls=model.classifier == 'token')
+    pretrained.log_report(report)
+    state = state.replace(params=jax.device_put(params, state_sharding.params), step=0)
+  else:
+    manager = checkpoint.make_manager(source or workdir, config.keep_checkpoints)
+    step_number = manager.latest_step() if step_number is None else step_number
+    if step_number is None:
+      raise FileNotFoundError(f'No checkpoint in {checkpoint.checkpoint_dir(source or workdir)}')
+    state = checkpoint.restore(manager, step_number, state)
   data_sharding = sharding.batch_sharding(mesh)
   local_batch = config.batch_size // jax.process_count()
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
