@@ -60,7 +60,8 @@ def main(argv):
     print(f'  test accuracy      {results["test/accuracy"]:.4f}')
     print(f'  test loss          {results["test/loss"]:.4f}')
     print(f'  inference          {results["test/images_per_sec"]:.0f} images/s')
-    for key in sorted(k for k in results if k.startswith('fewshot/')):
+    for key in sorted((k for k in results if k.startswith('fewshot/')),
+                      key=lambda k: int(k.split('/')[1].removesuffix('shot'))):
       print(f'  {key:<18} {results[key]:.4f}')
     print('  per class          ' + ' '.join(f'{a:.3f}' for a in results['test/class_accuracy']))
     if _PICTURES.value and has_merger:

@@ -22,6 +22,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   # The upstream config (fresh, so it can be edited), with the downstream data and schedule.
   config = fashion_mnist.get_config(f'variant={arg.variant},merger={arg.merger}')
   config.dataset = 'digits'
+  config.init_dont_load = ('head/.*',)   # A new task: a fresh (zero) head, as ViT does.
   config.num_classes = 10
   config.input.update(shuffle_buffer=2_000, mean=0.3, std=0.4)  # digits pixel statistics
 

@@ -9,7 +9,8 @@ along a leading axis under `Transformer/encoderblock/` (its `scan` layout).
 """
 import logging
 import os
-from typing import Any, Mapping, Optional
+import re
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import jax
@@ -96,18 +97,23 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int, has_cls: bool) -> np.ndar
   return np.concatenate([cls, grid], axis=1)
 
 
-def adapt(loaded: Flat, init_params: Any, has_cls: bool) -> tuple[dict, dict]:
+def adapt(loaded: Flat, init_params: Any, has_cls: bool,
+          dont_load: Sequence[str] = ()) -> tuple[dict, dict]:
   """Fits `loaded` onto the model whose fresh parameters are `init_params`.
 
   - position embeddings of another grid are resized;
   - a head of another size is re-initialised to zeros (as ViT fine-tuning does);
   - parameters the checkpoint lacks (e.g. an inserted PatchMerger) keep their init;
-  - parameters the model lacks (e.g. `pre_logits`) are dropped.
+  - parameters the model lacks (e.g. `pre_logits`) are dropped;
+  - keys matching a `dont_load` regex (e.g. 'head/.*' for a new task) keep their init.
   Any other shape difference raises PretrainedMismatchError naming the key.
   Returns (params, report) where report maps loaded/resized/new/dropped to keys.
   """
   target = flatten(init_params)
-  report = {'loaded': [], 'resized': [], 'new': [], 'dropped': sorted(set(loaded) - set(target))}
+  skipped = {k for k in loaded if any(re.fullmatch(p, k) for p in dont_load)}
+  loaded = {k: v for k, v in loaded.items() if k not in skipped}
+  report = {'loaded': [], 'resized': [], 'new': [],
+            'dropped': sorted((set(loaded) | skipped) - set(target))}
   out = {}
   for key, fresh in target.items():
     if key not in loaded:

@@ -16,15 +16,21 @@ def _write_idx(path, array):
     f.write(header + array.astype(np.uint8).tobytes())
 
 
+def write_fashion_source(directory, sizes, seed=0, random_labels=False):
+  """Random idx files in the Debian package's layout; labels cycle 0-9 unless random."""
+  rng = np.random.default_rng(seed)
+  for split, n in sizes.items():
+    images_file, labels_file = local.FASHION_MNIST_FILES[split]
+    _write_idx(directory / images_file, rng.integers(0, 256, (n, 28, 28)))
+    labels = rng.integers(0, 10, n) if random_labels else np.arange(n) % 10
+    _write_idx(directory / labels_file, labels)
+
+
 @pytest.fixture(scope='module')
 def small_fashion_source(tmp_path_factory):
-  """Idx files in the Debian package's layout, with 40 train / 20 test images."""
+  """Idx files with 40 train / 20 test images."""
   source = tmp_path_factory.mktemp('fashion-mnist')
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 40), ('test', 20)):
-    images_file, labels_file = local.FASHION_MNIST_FILES[split]
-    _write_idx(source / images_file, rng.integers(0, 256, (n, 28, 28)))
-    _write_idx(source / labels_file, np.arange(n) % 10)
+  write_fashion_source(source, {'train': 40, 'test': 20})
   return source
 
 

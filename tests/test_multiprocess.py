@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from patchmerger.data import local
 from patchmerger.training import metrics
-from tests.test_data import _write_idx
+from tests.test_data import write_fashion_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ['--config=configs/fashion_mnist.py:merger=4@1,steps=6', '--config.model.width=16',
@@ -28,11 +27,7 @@ LOGGED_LOSS = re.compile(r'\[(\d+)\] .*train/loss=([-+\d.e]+)')
 def data_dir(tmp_path_factory):
   """A small Fashion-MNIST look-alike prepared as TFDS `fashion_mnist`."""
   source = tmp_path_factory.mktemp('idx')
-  rng = np.random.default_rng(1)
-  for split, n in (('train', 64), ('test', 32)):
-    images_file, labels_file = local.FASHION_MNIST_FILES[split]
-    _write_idx(source / images_file, rng.integers(0, 256, (n, 28, 28)))
-    _write_idx(source / labels_file, rng.integers(0, 10, n))
+  write_fashion_source(source, {'train': 64, 'test': 32}, seed=1, random_labels=True)
   data_dir = tmp_path_factory.mktemp('tfds')
   local.prepare_fashion_mnist(str(data_dir), str(source))
   return str(data_dir)

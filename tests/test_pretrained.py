@@ -93,6 +93,17 @@ def test_new_resolution_new_head_and_inserted_merger():
   assert downstream.apply({'params': adapted}, _images(48)).shape == (3, 5)
 
 
+def test_dont_load_keeps_the_initialisation():
+  params = _init(_model())
+  fresh = _init(_model())
+  fresh['head']['kernel'] = fresh['head']['kernel'] + 3.
+  adapted, report = pretrained.adapt(pretrained.flatten(params), fresh, has_cls=True,
+                                     dont_load=('head/.*',))
+  assert sorted(report['new']) == ['head/bias', 'head/kernel']
+  assert (adapted['head']['kernel'] == 3.).all()
+  np.testing.assert_array_equal(adapted['cls'], params['cls'])
+
+
 def test_mismatched_weights_name_the_first_bad_key():
   params = _init(_model())
   with pytest.raises(pretrained.PretrainedMismatchError,

@@ -215,7 +215,8 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   start_step = int(state.step)
   if restored is None and config.get('init_from'):  # Fine-tuning: start from weights.
     params, report = pretrained.adapt(pretrained.load(config.init_from), state.params,
-                                      has_cls=model.classifier == 'token')
+                                      has_cls=model.classifier == 'token',
+                                      dont_load=tuple(config.get('init_dont_load', ())))
     pretrained.log_report(report)
     state = state.replace(params=jax.device_put(params, state_sharding.params))
   # Only now, with the checkpoint known to fit, does the run add files to workdir.
