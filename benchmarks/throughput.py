@@ -17,6 +17,9 @@ import os
 import statistics
 import time
 from fractions import Fraction
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
 
 import jax
 import jax.numpy as jnp
