@@ -37,6 +37,12 @@ def _features(fn, params, builder, split: str, input_config, batch_size: int, da
   return np.concatenate(outputs), np.concatenate(labels)
 
 
+def _head(builder: tfds.core.DatasetBuilder, split: str, count: int) -> str:
+  """The first `count` examples of `split` (all of it when it is smaller)."""
+  available = builder.info.splits[split].num_examples
+  return split if count >= available else f'{split}[:{count}]'
+
+
 def fewshot_eval(model: Any, params: Any, params_sharding: Any, mesh: Any,
                  builder: tfds.core.DatasetBuilder, config: Any, batch_size: int) -> dict:
   """{'fewshot/Kshot': accuracy}: probes fitted on K train examples per class
@@ -47,7 +53,7 @@ def fewshot_eval(model: Any, params: Any, params_sharding: Any, mesh: Any,
   fn = features_fn(model, params_sharding, data_sharding)
   get = functools.partial(_features, fn, params, builder, input_config=config.input,
                           batch_size=batch_size, data_sharding=data_sharding)
-  train = get(split=f'{config.train_split}[:{settings.pool_examples}]')
-  test = get(split=f'{config.test_split}[:{settings.test_examples}]')
+  train = get(split=_head(builder, config.train_split, settings.pool_examples))
+  test = get(split=_head(builder, config.test_split, settings.test_examples))
   return fewshot.fewshot_accuracies(train, test, config.num_classes, tuple(settings.shots),
                                     seed=config.seed, l2=settings.l2)
