@@ -82,3 +82,12 @@ def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
   images = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
   np.testing.assert_array_equal(model.apply({'params': adapted}, images),
                                 model.apply({'params': restored.params}, images))
+
+
+def test_fewshot_pool_is_clipped_to_small_splits():
+  from types import SimpleNamespace
+  from patchmerger.training import evaluators
+  builder = SimpleNamespace(info=SimpleNamespace(splits={'train': SimpleNamespace(
+      num_examples=1437)}))
+  assert evaluators._head(builder, 'train', 2000) == 'train'
+  assert evaluators._head(builder, 'train', 100) == 'train[:100]'
