@@ -80,17 +80,23 @@ def test_dry_run_prints_valid_train_commands(tmp_path):
   assert not os.listdir(tmp_path)  # A dry run trains nothing.
 
 
-@pytest.mark.parametrize('spec,message', [
-    ('model.widht=8,16', "Unknown sweep key 'model.widht'"),
-    ('model.width=', 'at least one value'),
-    ('model.width=8,wide', "Sweep value 'wide' for model.width is not a int"),
-    ('lr.base=fast', "Sweep value 'fast' for lr.base is not a float"),
+@pytest.mark.parametrize('spec,error,message', [
+    ('model.widht=8,16', KeyError, "Unknown sweep key 'model.widht'"),
+    ('model.width=', ValueError, 'at least one value'),
+    ('model.width=8,wide', ValueError, "Sweep value 'wide' for model.width is not a int"),
+    ('lr.base=fast', ValueError, "Sweep value 'fast' for lr.base is not a float"),
 ])
-def test_bad_sweeps_fail_before_any_run(spec, message, tmp_path):
+def test_bad_sweeps_are_rejected(spec, error, message):
+  config = tiny.tiny_config()
+  with pytest.raises(error, match=message):
+    sweep.parse_sweeps(config, [spec])
+
+
+def test_bad_sweep_fails_with_one_line_before_any_run(tmp_path):
   code, _, stderr = _run_sweep_cli('--config=configs/fashion_mnist.py', f'--workdir={tmp_path}',
-                                   f'--sweep={spec}')
+                                   '--sweep=model.widht=8,16')
   assert code == 2 and 'Traceback' not in stderr, stderr[-2000:]
-  assert message in stderr
+  assert "Unknown sweep key 'model.widht'" in stderr
   assert not os.listdir(tmp_path)
 
 
