@@ -53,7 +53,7 @@ def hf_state_dict(flat: Mapping[str, np.ndarray]) -> dict:
     for dense_name, hf_name in (('Dense_0', 'mlp.fc1'), ('Dense_1', 'mlp.fc2')):
       out[f'{theirs}.{hf_name}.weight'] = flat[f'{ours}/MlpBlock_3/{dense_name}/kernel'].T
       out[f'{theirs}.{hf_name}.bias'] = flat[f'{ours}/MlpBlock_3/{dense_name}/bias']
-  return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in out.items()}
+  return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in out.items()}
 
 
 def hf_model(flat: Mapping[str, np.ndarray], num_heads: int, image_size: int):
