@@ -25,11 +25,6 @@ _PICTURES = flags.DEFINE_boolean('merge_pictures', True,
 _EXPORT = flags.DEFINE_string('export_npz', None, 'Also export the parameters to this .npz '
                               '(google-research/vision_transformer layout).')
 flags.mark_flags_as_required(['config', 'workdir'])
-# Multi-process runs; each defaults to its JAX_* environment variable.
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0 ($JAX_COORDINATOR_ADDRESS).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes ($JAX_NUM_PROCESSES).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process ($JAX_PROCESS_ID).')
 
 
 def main(argv):
@@ -37,12 +32,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax
   from patchmerger.data import local
-  from patchmerger.training import loop, sharding
+  from patchmerger.training import loop
 
   def run():
     config = _CONFIG.value
-    sharding.maybe_initialize_distributed(config.distributed, _COORDINATOR.value,
-                                          _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cli.initialize_distributed(config.distributed)
     loop.validate(config)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
     if jax.process_index() == 0:

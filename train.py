@@ -14,11 +14,6 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (with :ar
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.mark_flags_as_required(['config', 'workdir'])
-# Multi-process runs; each defaults to its JAX_* environment variable.
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0 ($JAX_COORDINATOR_ADDRESS).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes ($JAX_NUM_PROCESSES).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process ($JAX_PROCESS_ID).')
 
 
 def main(argv):
@@ -26,12 +21,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors do not pay for jax/tf start-up.
   from patchmerger.data import local
-  from patchmerger.training import loop, sharding
+  from patchmerger.training import loop
 
   def run():
     config = _CONFIG.value
-    sharding.maybe_initialize_distributed(config.distributed, _COORDINATOR.value,
-                                          _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cli.initialize_distributed(config.distributed)
     loop.validate(config)  # Bad model settings fail before any data work.
     loop.ensure_writable(_WORKDIR.value)
     builder = local.ensure_prepared(config.dataset, config.data_dir)

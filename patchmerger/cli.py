@@ -12,6 +12,20 @@ USER_ERRORS = (ValueError, KeyError, AttributeError, FileNotFoundError, Permissi
                FloatingPointError, RuntimeError)
 
 
+# Multi-process runs (train.py, eval.py); each defaults to its JAX_* environment variable.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 ($JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes ($JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process ($JAX_PROCESS_ID).')
+
+
+def initialize_distributed(requested: bool) -> None:
+  """jax.distributed from the cluster flags, the environment or config.distributed."""
+  from patchmerger.training import sharding
+  sharding.maybe_initialize_distributed(requested, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
+
+
 def fail(message: str) -> NoReturn:
   sys.stderr.write(f'error: {message}\n')
   sys.exit(2)
