@@ -283,9 +283,9 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
       saving = step_index % config.checkpoint_every == 0 or last or stopping
       logging_now = step_index % config.log_every == 0 or last or stopping
       if saving or logging_now:
-        check_finite(pending, first_pending)
+        host = jax.device_get(pending)  # One transfer serves the check and the log.
+        check_finite(host, first_pending)
       if logging_now:
-        host = jax.device_get(pending)
         means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         summary['train/skipped_updates'] += int(sum(m['train/update_skipped'] for m in host))
         pending = []
