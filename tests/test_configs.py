@@ -45,8 +45,10 @@ def test_every_config_and_arg_string_builds(name, arg):
     assert model.mergers == ()
   elif arg == 'merger=16@1+8@2':
     assert model.mergers == ((1, 16), (2, 8))
-  elif arg in (None, 'variant=S/{patch}'):
-    assert len(model.mergers) == 1 and model.mergers[0][0] == model.depth // 2
+  elif arg in (None, 'variant=S/{patch}'):  # The config's default: halfway unless it names a block.
+    default = common.parse_merger(getattr(importlib.import_module(f'configs.{name}'), 'MERGER', '8'))
+    block = model.depth // 2 if default['before_block'] is None else default['before_block']
+    assert len(model.mergers) == 1 and model.mergers[0] == (block, default['num_tokens'])
 
 
 def test_overrides_reach_the_model():
