@@ -16,9 +16,11 @@ import ml_collections
 
 from configs import common, fashion_mnist
 
+MERGER = fashion_mnist.MERGER  # The upstream model's merger, so its weights fit.
+
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='Ti/8', merger=fashion_mnist.MERGER, steps=300)
+  arg = common.parse_arg(arg, variant='Ti/8', merger=MERGER, steps=300)
   # The upstream config (fresh, so it can be edited), with the downstream data and schedule.
   config = fashion_mnist.get_config(f'variant={arg.variant},merger={arg.merger}')
   config.dataset = 'digits'
