@@ -12,6 +12,7 @@ import pytest
 
 from patchmerger.data import local
 from patchmerger.training import metrics
+from tests import conftest
 from tests.test_data import write_fashion_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,8 @@ def data_dir(tmp_path_factory):
 
 
 def _env(devices, **extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_')}
+  env = {k: v for k, v in os.environ.items()  # No stray distributed settings.
+         if not k.startswith('JAX_') or k in conftest.JAX_CACHE_SETTINGS}
   return dict(env, PYTHONPATH=ROOT,
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **extra)
 
