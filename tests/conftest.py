@@ -10,10 +10,6 @@ same with and without it.
 import os
 import tempfile
 
-JAX_CACHE_SETTINGS = {
-    'JAX_COMPILATION_CACHE_DIR': os.path.join(tempfile.gettempdir(),
-                                              'patchmerger-tests-jax-cache'),
-    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',  # Cache even quick compiles.
-}
-for _name, _value in JAX_CACHE_SETTINGS.items():
-  os.environ.setdefault(_name, _value)
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'patchmerger-tests-jax-cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')  # Even quick compiles.

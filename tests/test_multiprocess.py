@@ -12,7 +12,6 @@ import pytest
 
 from patchmerger.data import local
 from patchmerger.training import metrics
-from tests import conftest
 from tests.test_data import write_fashion_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +20,8 @@ TINY_FLAGS = ['--config=configs/fashion_mnist.py:merger=4@1,steps=6', '--config.
               '--config.batch_size=16', '--config.log_every=1', '--config.eval_every=6',
               '--config.checkpoint_every=3', '--config.keep_checkpoints=5',
               '--config.input.shuffle_buffer=64', '--config.input.num_shards=2']
+# What makes train.py join a cluster; each run below sets its own, or none.
+DISTRIBUTED_SETTINGS = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
 LOGGED_LOSS = re.compile(r'\[(\d+)\] .*train/loss=([-+\d.e]+)')
 
 
@@ -35,8 +36,7 @@ def data_dir(tmp_path_factory):
 
 
 def _env(devices, **extra):
-  env = {k: v for k, v in os.environ.items()  # No stray distributed settings.
-         if not k.startswith('JAX_') or k in conftest.JAX_CACHE_SETTINGS}
+  env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_SETTINGS}
   return dict(env, PYTHONPATH=ROOT,
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **extra)
 
