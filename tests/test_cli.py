@@ -19,7 +19,7 @@ def _run(script, *args, data_dir=None):
     (['--config=configs/fashion_mnist.py', '--config.model.widht=3'], 'widht'),
     (['--config=configs/fashion_mnist.py:varaint=B/16'], "Unknown config argument 'varaint=B/16'"),
     (['--config=configs/fashion_mnist.py:variant=Q/4'], "Unknown model variant 'Q/4'"),
-    (['--config=configs/fashion_mnist.py:merger=8@9'], 'does not fit a model of depth 6'),
+    (['--config=configs/fashion_mnist.py:merger=8@9'], 'does not fit a model of depth 4'),
     (['--config=configs/fashion_mnist.py:merger=0@2'], 'num_tokens >= 1'),
     (['--config=configs/fashion_mnist.py', '--config.input.image_size=30'],
      'Image size 30x30 is not divisible by the patch size 8'),
