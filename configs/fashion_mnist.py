@@ -2,7 +2,7 @@ r"""The embedded default: a small ViT + PatchMerger on real Fashion-MNIST, CPU.
 
   python train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
   python train.py --config=configs/fashion_mnist.py:merger=none --workdir=/tmp/plain
-  python train.py --config=configs/fashion_mnist.py:variant=S/4 --config.model.width=256 ...
+  python train.py --config=configs/fashion_mnist.py:variant=S/4 --config.model.conv_stem='(32,64)' ...
 
 Arg string keys: variant (NAME/PATCH; sizes below override the name's), merger
 (M, M@BLOCK, M@B+M@B or none), steps.
@@ -16,7 +16,7 @@ MERGER = '8@1'  # The default merger (M@BLOCK); configs that load these models r
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='Ti/8', merger=MERGER, steps=2800)
+  arg = common.parse_arg(arg, variant='Ti/8', merger=MERGER, steps=2600)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
