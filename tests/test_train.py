@@ -29,7 +29,10 @@ def test_one_training_step_for_every_config(name, tmp_path):
   if isinstance(config.model.merger, dict) or hasattr(config.model.merger, 'num_tokens'):
     config.model.merger.before_block = 1
   config.input.image_size = min(config.input.image_size, 32)
-  config.model.variant = config.model.variant.split('/')[0] + '/4'
+  # A tiny stem of the config's depth, and the smallest patch that stem allows.
+  stem_depth = len(config.model.conv_stem)
+  config.model.conv_stem = (8,) * stem_depth
+  config.model.variant = config.model.variant.split('/')[0] + f'/{max(4, 2 ** stem_depth)}'
   config.update(batch_size=4, total_steps=1, log_every=1, eval_every=1, checkpoint_every=1)
   config.input.shuffle_buffer = 8
   config.mesh = dict(data=-1, fsdp=1)
