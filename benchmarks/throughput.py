@@ -130,15 +130,14 @@ def hf_reference(model, params, images, batch: int, repeats: int, calls: int) ->
   CPU threads = cores), on the same weights; {} when torch is not installed."""
   try:
     import torch
-    from patchmerger import hf_convert, pretrained
+    from patchmerger.checkpoints import export
   except ImportError:
     return {}
   if model.classifier != 'token' or model.conv_stem or model.representation_size:
     token_model = model.clone(classifier='token')  # HF's ViT reads the class token.
     params = jax.jit(token_model.init)(jax.random.key(0), images[:1])['params']
     model = token_model
-  reference = hf_convert.hf_model(pretrained.flatten(params), model.num_heads,
-                                  images.shape[1])
+  reference = export.transformers_model(params)
   pixels = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
   ours = jax.jit(lambda p, x: model.apply({'params': p}, x))
   jax.block_until_ready(ours(params, images))
