@@ -39,7 +39,9 @@ def main(argv):
     cli.initialize_distributed(config.distributed)
     loop.validate(config)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
-    has_merger = config.model.merger is not None
+    # Merge pictures need weights over the patches: a reducer between blocks.
+    has_merger = (config.model.merger is not None and config.model.get('reducer', {}).get(
+        'kind', 'patchmerger') in ('patchmerger', 'tokenlearner', 'pool'))
     pictures = os.path.join(_WORKDIR.value, 'merge_pictures.png')
     results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value,
                                        pictures_path=pictures if _PICTURES.value and has_merger

@@ -17,6 +17,7 @@ import os
 import statistics
 import time
 from fractions import Fraction
+from typing import Optional, Sequence
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
@@ -46,8 +47,9 @@ _JSON = flags.DEFINE_string('json', None, 'Write one JSON record per row here.')
 _PLOT = flags.DEFINE_string('plot', None, 'Write a PNG (speedup vs FLOPs ratio) here.')
 
 
-def model_config(variant: str, merger: str):
-  """(model config, image shape, num classes) of a benchmark row."""
+def model_config(variant: str, merger: str, reducer: Optional[dict] = None):
+  """(model config, image shape, num classes) of a benchmark row; `reducer`
+  updates `model.reducer` (e.g. {'kind': 'tome', 'r': 8})."""
   if variant == 'fmnist':
     config = fashion_mnist.get_config()
     model = config.model
@@ -64,6 +66,7 @@ def model_config(variant: str, merger: str):
     tokens, _, fraction = merger.partition('@')
     block = round(Fraction(fraction or '1/2') * depth)
     model.merger = dict(num_tokens=int(tokens), before_block=min(max(block, 0), depth - 1))
+  model.reducer.update(reducer or {})
   return model, shape, classes
 
 
@@ -88,9 +91,11 @@ def _memory_mib(compiled) -> float:
 
 
 def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
-            train: bool) -> dict:
-  """One row: cost, size and speed of one model."""
-  model_cfg, shape, classes = model_config(variant, merger)
+            train: bool, reducer: Optional[dict] = None,
+            hf: Optional[bool] = None) -> dict:
+  """One row: cost, size and speed of one model (`hf`: time the transformers
+  reference beside a plain model; None: the --hf_reference flag)."""
+  model_cfg, shape, classes = model_config(variant, merger, reducer)
   model = build_model(model_cfg, classes)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((batch, *shape), np.float32))
@@ -102,11 +107,13 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(params, images))  # Warm-up.
   row = dict(variant=variant, merger=merger, image_size=shape[0], batch_size=batch,
-             mergers=list(model.mergers), gflops=flops.measured_gflops(model, shape),
+             mergers=list(model.mergers), reducer=model.reducer,
+             tome_r=list(model.tome_r), gflops=flops.measured_gflops(model, shape),
              params=flops.count_params(params)['total'], compile_s=compile_s,
              infer_mem_mib=_memory_mib(compiled),
              infer_img_s=_median_rate(lambda: compiled(params, images), batch, repeats, calls))
-  if _HF.value and merger == 'none' and variant != 'fmnist':
+  plain = merger == 'none' and model.reducer in ('patchmerger', 'none') and not model.tome_r
+  if (_HF.value if hf is None else hf) and plain and variant != 'fmnist':
     row.update(hf_reference(model, params, images, batch, repeats, calls))
   if train:
     config = fashion_mnist.get_config()
@@ -162,10 +169,12 @@ def add_ratios(rows: list[dict]) -> list[dict]:
   return rows
 
 
-def markdown(rows: list[dict]) -> str:
-  columns = ['variant', 'merger', 'gflops', 'params', 'flops_ratio', 'infer_img_s',
-             'speedup_infer', 'train_img_s', 'speedup_train', 'compile_s', 'infer_mem_mib',
-             'hf_infer_img_s', 'ours_vs_hf']
+COLUMNS = ('variant', 'merger', 'gflops', 'params', 'flops_ratio', 'infer_img_s',
+           'speedup_infer', 'train_img_s', 'speedup_train', 'compile_s', 'infer_mem_mib',
+           'hf_infer_img_s', 'ours_vs_hf')
+
+
+def markdown(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
   def cell(value):
     if value is None:
       return '-'

@@ -12,7 +12,7 @@ from configs import common
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='S/16', merger='8', epochs=90)
+  arg = common.parse_arg(arg, variant='S/16', merger='8', reducer='patchmerger', epochs=90)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
@@ -31,7 +31,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       num_shards=0))                   # data shards (0: one per process); fix it to
                                        # keep the data order when the host count changes
 
-  config.model = common.model_config(arg.variant, arg.merger, classifier='gap',
+  config.model = common.model_config(arg.variant, arg.merger, arg.reducer, classifier='gap',
                                      posemb='sincos2d')
 
   config.batch_size = 1024

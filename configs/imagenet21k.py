@@ -13,7 +13,7 @@ from configs import common
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='B/16', merger='8', epochs=90)
+  arg = common.parse_arg(arg, variant='B/16', merger='8', reducer='patchmerger', epochs=90)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
@@ -32,7 +32,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       num_shards=0))                   # data shards (0: one per process); fix it to
                                        # keep the data order when the host count changes
 
-  config.model = common.model_config(arg.variant, arg.merger,
+  config.model = common.model_config(arg.variant, arg.merger, arg.reducer,
                                      classifier='token', representation_size=768)
 
   config.batch_size = 4096
