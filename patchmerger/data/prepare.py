@@ -306,46 +306,38 @@ def prepare(dataset: str, data_dir: str, source: Optional[str] = None,
     _write_json(plan_path, plan)
   keep_png = dataset.startswith('folder:')
   workers = workers or os.cpu_count() or 1
-  with _executor(workers) as pool:
-    jobs = []
-    for split, split_plan in plan['splits'].items():
-      for chunk_id, chunk in enumerate(split_plan['chunks']):
-        if not os.path.exists(os.path.join(work_dir, split, f'chunk-{chunk_id:05d}.json')):
-          jobs.append(pool.submit(write_chunk, work_dir, split, chunk_id,
-                                  [ClassSource(**c) for c in chunk], plan['labels'],
-                                  split_plan['num_shards'], keep_png))
-    for job in jobs:
-      job.result()
-    jobs = {}
-    for split, split_plan in plan['splits'].items():
-      shards = split_plan['num_shards']
-      for shard in range(shards):
-        if not os.path.exists(os.path.join(out_dir, shard_file_name(name, split, shard, shards))):
-          jobs[pool.submit(write_shard, work_dir, out_dir, name, split, shard, shards,
-                           len(split_plan['chunks']))] = (split, shard)
-    for job in concurrent.futures.as_completed(jobs):
-      job.result()
-      if shard_done:
-        shard_done(*jobs[job])
+  chunks = [(write_chunk, (work_dir, split, chunk_id, [ClassSource(**c) for c in chunk],
+                           plan['labels'], split_plan['num_shards'], keep_png))
+            for split, split_plan in plan['splits'].items()
+            for chunk_id, chunk in enumerate(split_plan['chunks'])
+            if not os.path.exists(os.path.join(work_dir, split, f'chunk-{chunk_id:05d}.json'))]
+  for _ in _run_all(workers, chunks):
+    pass
+  shards = [((split, shard), (write_shard, (work_dir, out_dir, name, split, shard, count,
+                                            len(split_plan['chunks']))))
+            for split, split_plan in plan['splits'].items()
+            for count in [split_plan['num_shards']] for shard in range(count)
+            if not os.path.exists(os.path.join(out_dir, shard_file_name(name, split, shard,
+                                                                        count)))]
+  for (split, shard), _ in zip([k for k, _ in shards], _run_all(workers, [c for _, c in shards])):
+    if shard_done:
+      shard_done(split, shard)
   report = _finish(plan, name, out_dir, work_dir)
   report.seconds = time.perf_counter() - start
   return report
 
 
-class _InlineExecutor(concurrent.futures.Executor):
-  """Runs jobs at submit: one worker, no process start-up (tests, small data)."""
-
-  def submit(self, fn, *args, **kwargs):
-    future = concurrent.futures.Future()
-    future.set_result(fn(*args, **kwargs))
-    return future
-
-
-def _executor(workers: int) -> concurrent.futures.Executor:
-  if workers == 1:
-    return _InlineExecutor()
-  return concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context('spawn'))
+def _run_all(workers: int, calls: Sequence[tuple]) -> Iterator:
+  """Results of `fn(*args)` for each call, in order; one worker runs them here."""
+  if workers == 1 or len(calls) <= 1:
+    for fn, args in calls:
+      yield fn(*args)
+    return
+  context = multiprocessing.get_context('spawn')  # TF in the workers: never fork it.
+  with concurrent.futures.ProcessPoolExecutor(min(workers, len(calls)), context) as pool:
+    futures = [pool.submit(fn, *args) for fn, args in calls]
+    for future in futures:
+      yield future.result()
 
 
 def _finish(plan: dict, name: str, out_dir: str, work_dir: str) -> Report:
