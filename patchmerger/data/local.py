@@ -184,8 +184,9 @@ def _check_splits(builder: tfds.core.DatasetBuilder, splits: Sequence[str]) -> l
     try:
       sizes.append(f'{split}: {builder.info.splits[split].num_examples:,} examples')
     except (KeyError, ValueError, AssertionError) as e:
-      raise DataNotReady(f'Dataset {builder.name} has no split {split!r} '
-                         f'(it has {", ".join(builder.info.splits)}): {e}') from None
+      have = ', '.join(f'{n} ({i.num_examples:,})' for n, i in builder.info.splits.items())
+      raise DataNotReady(f'Dataset {builder.name} cannot give split {split!r} (it has '
+                         f'{have}): {e}') from None
   return sizes
 
 
