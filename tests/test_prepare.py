@@ -148,3 +148,26 @@ def test_check_data_on_prepared_and_preparable_datasets(prepared, tmp_path):
   config.test_split = 'validation'
   with pytest.raises(local.DataNotReady, match='no split folder for validation'):
     local.check_data(config)
+
+
+@pytest.mark.slow
+def test_command_line_with_two_workers_gives_the_same_dataset_and_a_report(
+    prepared, source, tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'patchmerger.data.prepare', '--dataset=imagenet21k',
+       f'--source={source}', f'--data_dir={tmp_path}', '--workers=2', '--num_shards=3'],
+      cwd=root, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '17 examples written (full: 17) from 18 files' in result.stdout
+  assert 'skipped files: full/n02/n02_1.JPEG' in result.stdout
+  assert _example_hashes(tmp_path) == _example_hashes(prepared[0])
+  missing = subprocess.run(
+      [sys.executable, '-m', 'patchmerger.data.prepare', '--dataset=imagenet21k',
+       f'--source={tmp_path}/absent', f'--data_dir={tmp_path}'],
+      cwd=root, capture_output=True, text=True, timeout=600)
+  assert missing.returncode == 2
+  assert missing.stderr.strip().splitlines()[-1] == (
+      f'error: Source directory {tmp_path}/absent does not exist.')
