@@ -115,3 +115,16 @@ def test_the_shuffle_buffer_holds_encoded_images(tmp_path):
     next(batches)
   growth = _rss_bytes() - before
   assert growth < decoded_bytes / 3, f'{growth / 2 ** 20:.0f} MiB'
+
+
+def test_resume_is_exact_with_the_inception_crop_on_encoded_images(tmp_path):
+  rng = np.random.default_rng(1)
+  builder = _store(tmp_path, 'photos', [random_image(rng, 40, 56) for _ in range(12)], 'jpeg')
+  config = dict(INPUT, shuffle_buffer=12)
+  run = input_pipeline.train_batches(builder, 'train', config, 4, seed=5)
+  batches = [next(run) for _ in range(7)]  # 28 examples: into the third epoch
+  resumed = input_pipeline.train_batches(builder, 'train', config, 4, seed=5, start_step=4)
+  for expected in batches[4:]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got['image'], expected['image'])
+    np.testing.assert_array_equal(got['label'], expected['label'])

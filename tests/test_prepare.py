@@ -171,3 +171,25 @@ def test_command_line_with_two_workers_gives_the_same_dataset_and_a_report(
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines()[-1] == (
       f'error: Source directory {tmp_path}/absent does not exist.')
+
+
+@pytest.mark.slow
+def test_train_check_data_exit_codes(prepared, tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def check(*overrides):
+    return subprocess.run([sys.executable, 'train.py', '--config=configs/imagenet21k.py',
+                           '--check_data', *overrides], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+  ready = check(f'--config.data_dir={prepared[0]}', '--config.num_classes=3',
+                '--config.train_split=full', '--config.test_split=full[:8]')
+  assert ready.returncode == 0, ready.stderr[-2000:]
+  assert ready.stdout.strip() == (f'imagenet21k: prepared in {prepared[0]} '
+                                  '(full: 17 examples; full[:8]: 8 examples).')
+  missing = check(f'--config.data_dir={tmp_path}')
+  assert missing.returncode == 2 and missing.stdout == ''
+  error = [l for l in missing.stderr.splitlines() if l.startswith('error:')]
+  assert len(error) == 1 and 'python -m patchmerger.data.prepare --dataset=imagenet21k' in error[0]
+  assert not os.listdir(tmp_path)  # Checking writes nothing.

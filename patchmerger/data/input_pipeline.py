@@ -27,16 +27,11 @@ def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
   return image
 
 
-def _normalize(image: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Tensor:
-  image = tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
-  return (image - input_config['mean']) / input_config['std']
-
-
 def _to_model_input(image: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Tensor:
   """The whole image resized to image_size x image_size, normalised."""
   size = input_config['image_size']
-  image = tf.image.convert_image_dtype(image, tf.float32)
-  image = tf.image.resize(image, (size, size)) if image.shape[:2] != (size, size) else image
+  image = tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
+  image = tf.image.resize(image, (size, size))
   return (image - input_config['mean']) / input_config['std']
 
 

@@ -36,6 +36,8 @@ import tarfile
 import time
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 SHARD_BYTES = 256 * 2 ** 20          # Target size of an output shard (auto --num_shards).
 CHUNK_BYTES = 8 * 2 ** 30            # Source bytes per stage-1 task.
@@ -160,14 +162,14 @@ def write_chunk(work_dir: str, split: str, chunk_id: int, sources: Sequence[Clas
   label_ids = {name: i for i, name in enumerate(labels)}
   serializer = features(labels)
   stem = os.path.join(work_dir, split, f'chunk-{chunk_id:05d}')
-  index, stats, skipped = collections.defaultdict(list), collections.Counter(), []
+  index, stats, skipped = [], collections.Counter(), []  # index: (shard, offset, length)
   buffers, buffered = collections.defaultdict(list), 0
   with open(stem + '.spill', 'wb') as spill:
 
     def flush():
       for shard in sorted(buffers):
         data = b''.join(buffers[shard])
-        index[shard].append((spill.tell(), len(data)))
+        index.append((shard, spill.tell(), len(data)))
         spill.write(data)
       buffers.clear()
 
@@ -188,8 +190,11 @@ def write_chunk(work_dir: str, split: str, chunk_id: int, sources: Sequence[Clas
           flush()
           buffered = 0
     flush()
-  _write_json(stem + '.json', dict(index={str(k): v for k, v in index.items()},
-                                   stats=stats, skipped=skipped))  # Marks the chunk done.
+  # Sorted by shard, so that each shard finds its pieces with a binary search.
+  rows = np.array(sorted(index), np.int64).reshape(-1, 3)
+  with open(stem + '.index.npy', 'wb') as f:
+    np.save(f, rows)
+  _write_json(stem + '.json', dict(stats=stats, skipped=skipped))  # Marks the chunk done.
 
 
 def _write_json(path: str, value) -> None:
@@ -206,10 +211,10 @@ def write_shard(work_dir: str, out_dir: str, name: str, split: str, shard: int,
   records = []
   for chunk_id in range(num_chunks):
     stem = os.path.join(work_dir, split, f'chunk-{chunk_id:05d}')
-    with open(stem + '.json') as f:
-      pieces = json.load(f)['index'].get(str(shard), [])
+    index = np.load(stem + '.index.npy', mmap_mode='r')
+    first, end = np.searchsorted(index[:, 0], [shard, shard + 1])
     with open(stem + '.spill', 'rb') as spill:
-      for offset, length in pieces:
+      for offset, length in index[first:end, 1:].tolist():
         spill.seek(offset)
         data, position = spill.read(length), 0
         while position < length:
@@ -265,7 +270,8 @@ class Report:
 
   def lines(self) -> list[str]:
     total = sum(self.counts.values())
-    lines = [f'{sum(self.examples.values()):,} examples written ({", ".join(f"{s}: {n:,}" for s, n in sorted(self.examples.items()))}) '
+    per_split = ', '.join(f'{s}: {n:,}' for s, n in sorted(self.examples.items()))
+    lines = [f'{sum(self.examples.values()):,} examples written ({per_split}) '
              f'from {total:,} files in {self.seconds:.1f} s.']
     for outcome in sorted(k for k in self.counts if k != 'ok'):
       lines.append(f'  {outcome}: {self.counts[outcome]:,}')
@@ -290,8 +296,8 @@ def prepare(dataset: str, data_dir: str, source: Optional[str] = None,
       plan = json.load(f)
     wanted = {s: p['num_shards'] for s, p in plan['splits'].items()}
     if num_shards and set(wanted.values()) != {num_shards}:
-      raise ValueError(f'{work_dir} holds an unfinished preparation with {wanted} shards; '
-                       f'rerun without --num_shards, or delete it to start over.')
+      raise ValueError(f'{work_dir} holds a preparation with {wanted} shards; rerun '
+                       f'without --num_shards, or delete it to start over.')
   else:
     present = sorted({s.label for s in sources})
     labels = read_class_list(class_list) if class_list else present
@@ -370,7 +376,7 @@ def _finish(plan: dict, name: str, out_dir: str, work_dir: str) -> Report:
               dict(counts=counts, skipped=skipped, examples=examples))
   for split in plan['splits']:  # The spill files are as large as the dataset.
     for entry in os.scandir(os.path.join(work_dir, split)):
-      if entry.name.endswith('.spill'):
+      if entry.name.endswith(('.spill', '.index.npy')):
         os.remove(entry.path)
   return report
 
