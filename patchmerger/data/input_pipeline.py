@@ -112,6 +112,10 @@ def eval_image(encoded: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Tensor
 
 def encoded_examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
   """{'image': encoded bytes (tf.string), 'label'} of `split`, in file order."""
+  feature = builder.info.features['image']
+  if not isinstance(feature, tfds.features.Image):
+    raise ValueError(f'Dataset {builder.name}: feature image is a {type(feature).__name__}, '
+                     'not an encoded tfds.features.Image.')
   data = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={'image': tfds.decode.SkipDecoding()})
   return data.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
