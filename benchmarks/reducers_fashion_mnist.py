@@ -7,7 +7,7 @@ The model: 32px images, patch 4 without a convolution stem (8x8 = 64 tokens),
 width 64, depth 4, MLP 128, 4 heads, GAP head; otherwise configs/fashion_mnist.py.
 Every method trains --steps steps per seed through `loop.train` (train.py's code):
 plain (`reducer=none`), PatchMerger, TokenLearner and pool in the --merger slot,
-and ToMe with --train_tome_r merges per block. Then every run is evaluated with
+and ToMe with --train_tome_r merges per block; warm-up is a tenth of the steps. Then every run is evaluated with
 `loop.evaluate_checkpoint` (eval.py's code) for its test accuracy and inference
 images/s, and ToMe is applied without training to each trained plain model at
 every --tome_r (as `eval.py --checkpoint=PLAIN_RUN --config.model.reducer.kind=tome
@@ -45,6 +45,7 @@ def experiment_config(kind: str, seed: int, r: int = 0):
   config.model.update(conv_stem=(), width=64, depth=4, mlp_dim=128, num_heads=4)
   config.model.reducer.r = r
   config.seed = seed
+  config.lr.warmup_steps = _STEPS.value // 10  # The default 200 would fill a short run.
   config.eval_every = _STEPS.value
   config.checkpoint_every = _STEPS.value
   config.keep_checkpoints = 1

@@ -1,5 +1,4 @@
 """Token reducers: our attention, ToMe, TokenLearner, pooling, and runs through the loop."""
-import functools
 import math
 
 import flax.linen as nn
