@@ -57,3 +57,47 @@ def test_input_pipeline_benchmark_prepares_and_reads_imagenet_sized_jpegs(tmp_pa
   assert [row['threads'] for row in results['pipeline']] == [1, 2]
   assert all(row['images'] > 0 and row['images_per_sec'] > 0 for row in results['pipeline'])
   assert 'training pipeline, 2 thread(s):' in result.stdout
+
+
+@pytest.mark.slow  # About 10 compilations (30 s to 100 s on a shared 2-core CPU).
+def test_reducer_benchmark_finds_the_tome_r_nearest_a_flops_target():
+  from benchmarks import reducers
+  from patchmerger import flops
+  from patchmerger.models import build_model
+
+  def gflops(r):
+    model_cfg, shape, classes = reducers.throughput.model_config('fmnist', 'none',
+                                                                 {'kind': 'tome', 'r': r})
+    return flops.measured_gflops(build_model(model_cfg, classes), shape)
+  plain = gflops(0)
+  r, found = reducers.search_tome_r('fmnist', 0.8 * plain)
+  assert found == gflops(r) and 0 < r <= 8  # The default model has 16 tokens.
+  neighbours = [gflops(n) for n in (r - 1, r + 1) if 0 <= n <= 8]
+  assert all(abs(found - 0.8 * plain) <= abs(g - 0.8 * plain) for g in neighbours)
+  assert reducers.time_tome_merges('fmnist', r, batch=2, repeats=1, calls=1) > 0
+  rows = reducers.add_ratios([
+      dict(batch_size=2, reducer='none', gflops=2., infer_img_s=10., train_img_s=4.),
+      dict(batch_size=2, reducer='tome', gflops=1., infer_img_s=15., train_img_s=6.,
+           merge_ms=20.)])
+  assert rows[1]['flops_ratio'] == 2 and rows[1]['speedup_infer'] == 1.5
+  assert rows[1]['speedup_per_flops'] == 0.75 and rows[1]['speedup_train'] == 1.5
+  assert rows[1]['merge_share'] == pytest.approx(20 / (1000 * 2 / 15.))
+
+
+@pytest.mark.slow
+def test_reducer_benchmark_runs_every_reducer(tmp_path):
+  out_json, out_md = tmp_path / 'rows.json', tmp_path / 'rows.md'
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/reducers.py', '--variant=Ti/8', '--image_size=32',
+       '--batch_sizes=2', '--merger=4@1/2', '--repeats=1', '--calls=1', '--notrain',
+       f'--json={out_json}', f'--markdown={out_md}'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(out_json.read_text())
+  assert [r['reducer'] for r in rows] == ['none', 'patchmerger', 'tokenlearner', 'pool', 'tome']
+  for row in rows[1:]:
+    assert row['flops_ratio'] == rows[0]['gflops'] / row['gflops'] > 1
+    assert row['speedup_per_flops'] == row['speedup_infer'] / row['flops_ratio']
+  assert rows[4]['tome_r'] > 0 and rows[4]['merge_ms'] > 0
+  assert '| Ti/8 | 2 | tome |' in out_md.read_text()

@@ -1,5 +1,4 @@
 """Token reducers: our attention, ToMe, TokenLearner, pooling, and runs through the loop."""
-import functools
 import math
 
 import flax.linen as nn
@@ -260,3 +259,17 @@ def test_a_plain_checkpoint_evaluates_under_tome(tmp_path):
   assert results[0]['test/loss'] == pytest.approx(summary['test/loss'], rel=1e-6)
   assert 0 <= results[4]['test/accuracy'] <= 1 and math.isfinite(results[4]['test/loss'])
   assert results[4]['test/loss'] != results[0]['test/loss']  # ToMe did merge.
+
+
+@pytest.mark.parametrize('name', ['fashion_mnist', 'finetune_digits', 'imagenet21k',
+                                  'imagenet2012'])
+def test_every_config_takes_the_reducer_arg_and_keeps_its_merger(name):
+  import importlib
+  module = importlib.import_module(f'configs.{name}')
+  default = module.get_config()
+  assert default.model.reducer.kind == 'patchmerger' and default.model.reducer.r == 0
+  config = module.get_config('reducer=tokenlearner,merger=4@1')
+  assert config.model.reducer.kind == 'tokenlearner'
+  assert config.model.merger.num_tokens == 4 and config.model.merger.before_block == 1
+  config.model.reducer.r = (1, 2)  # An int or one entry per block.
+  assert config.model.reducer.r == (1, 2)

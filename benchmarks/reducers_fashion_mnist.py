@@ -1,0 +1,160 @@
+r"""Accuracy of the token reducers at equal steps on Fashion-MNIST, with 64 tokens.
+
+  python benchmarks/reducers_fashion_mnist.py --workdir=workdirs/reducers
+  python benchmarks/reducers_fashion_mnist.py --workdir=W --steps=50 --seeds=0 --tome_r=8
+
+The model: 32px images, patch 4 without a convolution stem (8x8 = 64 tokens),
+width 64, depth 4, MLP 128, 4 heads, GAP head; otherwise configs/fashion_mnist.py.
+Every method trains --steps steps per seed through `loop.train` (train.py's code):
+plain (`reducer=none`), PatchMerger, TokenLearner and pool in the --merger slot,
+and ToMe with --train_tome_r merges per block; warm-up is a tenth of the steps. Then every run is evaluated with
+`loop.evaluate_checkpoint` (eval.py's code) for its test accuracy and inference
+images/s, and ToMe is applied without training to each trained plain model at
+every --tome_r (as `eval.py --checkpoint=PLAIN_RUN --config.model.reducer.kind=tome
+--config.model.reducer.r=R` does). Writes WORKDIR/results.csv, results.md and
+results.png (test accuracy against inference images/s). Finished runs and
+evaluations are kept and skipped when the command runs again.
+"""
+import csv
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
+
+from absl import app, flags, logging
+
+from configs import fashion_mnist
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the runs.', required=True)
+_STEPS = flags.DEFINE_integer('steps', 200, 'Training steps of every method.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds; every method trains once per seed.')
+_MERGER = flags.DEFINE_string('merger', '16@2', 'M@BLOCK of patchmerger, tokenlearner, pool.')
+_TRAIN_TOME_R = flags.DEFINE_integer('train_tome_r', 12, 'ToMe merges per block when trained '
+                                     '(12 from 64 tokens: about the FLOPs of 16@2).')
+_TOME_R = flags.DEFINE_list('tome_r', ['4', '8', '12', '16'],
+                            'r of ToMe applied without training to the plain models.')
+METHODS = ('none', 'patchmerger', 'tokenlearner', 'pool', 'tome')
+COLUMNS = ('method', 'trained', 'r', 'seed', 'test_accuracy', 'gflops_per_image',
+           'train_images_per_sec', 'infer_images_per_sec')
+
+
+def experiment_config(kind: str, seed: int, r: int = 0):
+  config = fashion_mnist.get_config(
+      f'variant=Ti/4,merger={_MERGER.value},reducer={kind},steps={_STEPS.value}')
+  config.model.update(conv_stem=(), width=64, depth=4, mlp_dim=128, num_heads=4)
+  config.model.reducer.r = r
+  config.seed = seed
+  config.lr.warmup_steps = _STEPS.value // 10  # The default 200 would fill a short run.
+  config.eval_every = _STEPS.value
+  config.checkpoint_every = _STEPS.value
+  config.keep_checkpoints = 1
+  return config
+
+
+def _cached(path: str, compute) -> dict:
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  result = compute()
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv):
+  del argv
+  from patchmerger import flops
+  from patchmerger.data import local
+  from patchmerger.models import build_model
+  from patchmerger.training import loop
+  root = _WORKDIR.value
+  os.makedirs(root, exist_ok=True)
+  builder = None
+  rows = []
+
+  def evaluate(config, workdir, source=None):
+    result = loop.evaluate_checkpoint(config, workdir, builder, fewshot=False, source=source)
+    image_shape = (config.input.image_size,) * 2 + (config.input.channels,)
+    return {'test/accuracy': result['test/accuracy'],
+            'test/images_per_sec': result['test/images_per_sec'],
+            'gflops_per_image': flops.measured_gflops(build_model(config.model, 10), image_shape)}
+
+  for seed in map(int, _SEEDS.value):
+    for kind in METHODS:
+      config = experiment_config(kind, seed, _TRAIN_TOME_R.value if kind == 'tome' else 0)
+      builder = builder or local.ensure_prepared(config.dataset, config.data_dir)
+      workdir = os.path.join(root, f'{kind}_seed{seed}')
+      logging.info('Training %s', workdir)
+      summary = _cached(os.path.join(workdir, 'train_result.json'), lambda: {
+          k: v for k, v in loop.train(config, workdir, builder).items()
+          if isinstance(v, (int, float))})
+      evaluation = _cached(os.path.join(workdir, 'eval_result.json'),
+                           lambda: evaluate(config, workdir))
+      rows.append(dict(method=kind, trained='yes', seed=seed,
+                       r=_TRAIN_TOME_R.value if kind == 'tome' else '',
+                       test_accuracy=evaluation['test/accuracy'],
+                       gflops_per_image=evaluation['gflops_per_image'],
+                       train_images_per_sec=summary.get('train/images_per_sec'),
+                       infer_images_per_sec=evaluation['test/images_per_sec']))
+    for r in map(int, _TOME_R.value):
+      config = experiment_config('tome', seed, r)
+      workdir = os.path.join(root, f'tome_untrained_r{r}_seed{seed}')
+      os.makedirs(workdir, exist_ok=True)
+      evaluation = _cached(os.path.join(workdir, 'eval_result.json'), lambda: evaluate(
+          config, workdir, source=os.path.join(root, f'none_seed{seed}')))
+      rows.append(dict(method='tome', trained='no (plain model)', r=r, seed=seed,
+                       test_accuracy=evaluation['test/accuracy'],
+                       gflops_per_image=evaluation['gflops_per_image'],
+                       train_images_per_sec=None,
+                       infer_images_per_sec=evaluation['test/images_per_sec']))
+  write(root, rows)
+
+
+def write(root: str, rows: list[dict]) -> None:
+  """results.csv (one row per run), results.md (mean over seeds), results.png."""
+  with open(os.path.join(root, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  groups = {}
+  for row in rows:
+    groups.setdefault((row['method'], row['trained'], row['r']), []).append(row)
+  mean = lambda values: (sum(values) / len(values)) if values and None not in values else None
+  lines = ['| method | trained | r | test accuracy (per seed) | mean | GFLOPs/image | '
+           'training images/s | inference images/s |', '|' + '---|' * 8]
+  summary = []
+  for (method, trained, r), group in groups.items():
+    accuracy = mean([g['test_accuracy'] for g in group])
+    train_rate = mean([g['train_images_per_sec'] for g in group])
+    infer_rate = mean([g['infer_images_per_sec'] for g in group])
+    summary.append((method, trained, r, accuracy, infer_rate))
+    per_seed = ', '.join(f'{100 * g["test_accuracy"]:.2f}%' for g in group)
+    lines.append(f'| {method} | {trained} | {r} | {per_seed} | {100 * accuracy:.2f}% | '
+                 f'{group[0]["gflops_per_image"]:.4f} | '
+                 f'{"-" if train_rate is None else f"{train_rate:.0f}"} | {infer_rate:.0f} |')
+  table = '\n'.join(lines)
+  with open(os.path.join(root, 'results.md'), 'w') as f:
+    f.write(table + '\n')
+  print(table)
+
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  fig, axis = plt.subplots(figsize=(7, 4.5))
+  for method, trained, r, accuracy, infer_rate in summary:
+    label = method if trained == 'yes' else f'tome r={r}, untrained'
+    axis.scatter(infer_rate, 100 * accuracy, marker='o' if trained == 'yes' else 'x')
+    axis.annotate(label, (infer_rate, 100 * accuracy), fontsize=7, xytext=(3, 3),
+                  textcoords='offset points')
+  axis.set(xlabel='inference images / second', ylabel='test accuracy (%), mean over seeds',
+           title='Token reducers on Fashion-MNIST (64 tokens), equal training steps')
+  axis.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(root, 'results.png'), dpi=120)
+  plt.close(fig)
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  app.run(main)
