@@ -15,11 +15,13 @@ against the plain model of the same variant and batch next to its FLOPs ratio.
 `M@FRACTION` (before block round(FRACTION x depth)). Needs no TensorFlow.
 """
 import functools
+import itertools
 import json
 import os
 import statistics
 import time
 from fractions import Fraction
+from typing import Optional
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
@@ -46,6 +48,11 @@ _MERGER_BATCHES = flags.DEFINE_enum(
     'best: time merger models only at the batch where the plain model trained fastest.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype (parameters stay float32).')
+_ATTENTION = flags.DEFINE_list('attention', [], "Attention implementations, one row each: "
+                                'xla, cudnn or auto (empty: the model default).')
+_REMAT = flags.DEFINE_string('remat', None, "Rematerialisation policy of the blocks: none, "
+                             "full or a jax.checkpoint_policies name (default: the model's).")
+_SCAN = flags.DEFINE_boolean('scan', None, "Scan runs of blocks (default: the model's).")
 _CLASSIFIER = flags.DEFINE_enum('classifier', 'gap', ['gap', 'token'],
                                 'Head of the NAME/PATCH variants.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
@@ -62,7 +69,7 @@ _REPORT = flags.DEFINE_list('report', [], 'Only print the tables of these JSON f
 _PLOT = flags.DEFINE_string('plot', None, 'Write a PNG (speedup vs FLOPs ratio) here.')
 
 
-def model_config(variant: str, merger: str):
+def model_config(variant: str, merger: str, attention: Optional[str] = None):
   """(model config, image shape, num classes) of a benchmark row."""
   if variant == 'fmnist':
     config = fashion_mnist.get_config()
@@ -81,7 +88,18 @@ def model_config(variant: str, merger: str):
     block = round(Fraction(fraction or '1/2') * depth)
     model.merger = dict(num_tokens=int(tokens), before_block=min(max(block, 0), depth - 1))
   model.dtype = _DTYPE.value
+  options = dict(attention=attention, remat_policy=_REMAT.value, scan=_SCAN.value)
+  for key, value in options.items():
+    if value is not None:
+      model[key] = value
   return model, shape, classes
+
+
+def _check_options(model, model_cfg) -> None:
+  """A row must not claim an option that this model does not have."""
+  for key in ('attention', 'remat_policy', 'scan'):
+    if key in model_cfg and getattr(model, key, None) != model_cfg[key]:
+      raise ValueError(f'this model has no option {key}={model_cfg[key]!r}')
 
 
 def _median_rate(fn, batch: int, repeats: int, calls: int) -> float:
@@ -112,10 +130,11 @@ def _step_config(batch: int):
 
 
 def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
-            train: bool, peak: float) -> dict:
+            train: bool, peak: float, attention: Optional[str] = None) -> dict:
   """One row: cost, size and speed of one model at one batch size."""
-  model_cfg, shape, classes = model_config(variant, merger)
+  model_cfg, shape, classes = model_config(variant, merger, attention)
   model = build_model(model_cfg, classes)
+  _check_options(model, model_cfg)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((batch, *shape), np.float32))
   params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
@@ -214,12 +233,12 @@ def hf_reference(model, params, images, batch: int, repeats: int, calls: int) ->
 def add_ratios(rows: list[dict]) -> list[dict]:
   """Speedups and FLOPs ratios against the plain (`none`) row of each variant at the
   same batch size; ours against transformers' where both were timed."""
-  plain = {(r['variant'], r['batch_size']): r for r in rows
+  plain = {(r['variant'], r['batch_size'], r.get('attention')): r for r in rows
            if r['merger'] == 'none' and 'infer_img_s' in r}
   for row in rows:
     if 'infer_img_s' not in row:
       continue
-    base = plain.get((row['variant'], row['batch_size']))
+    base = plain.get((row['variant'], row['batch_size'], row.get('attention')))
     row['flops_ratio'] = base['gflops'] / row['gflops'] if base else None
     row['speedup_infer'] = row['infer_img_s'] / base['infer_img_s'] if base else None
     if base and 'train_img_s' in row and 'train_img_s' in base:
@@ -247,7 +266,7 @@ def best_rows(rows: list[dict]) -> list[dict]:
   return list(best.values())
 
 
-COLUMNS = ['variant', 'merger', 'batch_size', 'dtype', 'gflops', 'params', 'flops_ratio',
+COLUMNS = ['variant', 'merger', 'attention', 'batch_size', 'dtype', 'gflops', 'params', 'flops_ratio',
            'infer_img_s', 'speedup_infer', 'infer_mfu', 'train_img_s', 'speedup_train',
            'train_mfu', 'compile_s', 'infer_mem_mib', 'train_mem_mib', 'hf_infer_img_s',
            'hf_train_img_s', 'ours_vs_hf', 'ours_vs_hf_train', 'error']
@@ -339,17 +358,19 @@ def main(argv):
       if merger != 'none' and _MERGER_BATCHES.value == 'best':
         plain = [r for r in best_rows(rows) if r['variant'] == variant and r['merger'] == 'none']
         merger_batches = [plain[0]['batch_size']] if plain else batches
-      for batch in merger_batches:
+      for batch, attention in itertools.product(merger_batches, _ATTENTION.value or [None]):
         if _BUDGET.value and time.perf_counter() - start > _BUDGET.value:
           print(f'  skipped {variant} {merger} batch {batch}: --budget_s spent', flush=True)
           continue
         key = dict(variant=variant, merger=merger, batch_size=batch, dtype=_DTYPE.value)
+        if attention:
+          key['attention'] = attention
         if _HF_ONLY.value:
           if merger == 'none' and variant != 'fmnist':
             add(key | _hf_only_row(variant, batch))
           continue
         add(key | _measure_safely(variant, merger, batch, _REPEATS.value, _CALLS.value,
-                                  _TRAIN.value, peak))
+                                  _TRAIN.value, peak, attention))
   add_ratios(rows)
   text = tables(rows)
   print(text)

@@ -54,3 +54,11 @@ def test_throughput_benchmark_runs_and_computes_ratios_from_its_measurements(tmp
   assert rows[0]['hf_infer_img_s'] > 0 and rows[0]['hf_train_img_s'] > 0
   assert rows[0]['ours_vs_hf'] == rows[0]['ours_token_infer_img_s'] / rows[0]['hf_infer_img_s']
   assert rows[0]['ours_vs_hf_train'] == rows[0]['train_img_s'] / rows[0]['hf_train_img_s']
+
+
+def test_gpu_check_script_parses():
+  """bash -n: the prepared GPU script has no syntax error (its CPU dry path,
+  GPU_CHECK_TINY=1, takes minutes and is run by hand)."""
+  result = subprocess.run(['bash', '-n', 'benchmarks/gpu_check.sh'], cwd=ROOT,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
