@@ -39,15 +39,16 @@ def main(argv):
     cli.initialize_distributed(config.distributed)
     loop.validate(config)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
-    if jax.process_index() == 0:
-      os.makedirs(_WORKDIR.value, exist_ok=True)
-    has_merger = config.model.merger is not None
+    # Merge pictures need weights over the patches: a reducer between blocks.
+    has_merger = (config.model.merger is not None and config.model.get('reducer', {}).get(
+        'kind', 'patchmerger') in ('patchmerger', 'tokenlearner', 'pool'))
     pictures = os.path.join(_WORKDIR.value, 'merge_pictures.png')
     results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value,
                                        pictures_path=pictures if _PICTURES.value and has_merger
                                        else None, export_path=_EXPORT.value,
                                        source=_CHECKPOINT.value)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # The workdir is made only once evaluation succeeded.
+      os.makedirs(_WORKDIR.value, exist_ok=True)
       with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(f'Checkpoint step {results["step"]} on {results["test/examples"]} test examples:')

@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Sequence
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
@@ -69,8 +69,10 @@ _REPORT = flags.DEFINE_list('report', [], 'Only print the tables of these JSON f
 _PLOT = flags.DEFINE_string('plot', None, 'Write a PNG (speedup vs FLOPs ratio) here.')
 
 
-def model_config(variant: str, merger: str, attention: Optional[str] = None):
-  """(model config, image shape, num classes) of a benchmark row."""
+def model_config(variant: str, merger: str, reducer: Optional[dict] = None,
+                 attention: Optional[str] = None):
+  """(model config, image shape, num classes) of a benchmark row; `reducer`
+  updates `model.reducer` (e.g. {'kind': 'tome', 'r': 8})."""
   if variant == 'fmnist':
     config = fashion_mnist.get_config()
     model = config.model
@@ -87,6 +89,7 @@ def model_config(variant: str, merger: str, attention: Optional[str] = None):
     tokens, _, fraction = merger.partition('@')
     block = round(Fraction(fraction or '1/2') * depth)
     model.merger = dict(num_tokens=int(tokens), before_block=min(max(block, 0), depth - 1))
+  model.reducer.update(reducer or {})
   model.dtype = _DTYPE.value
   options = dict(attention=attention, remat_policy=_REMAT.value, scan=_SCAN.value)
   for key, value in options.items():
@@ -130,9 +133,13 @@ def _step_config(batch: int):
 
 
 def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
-            train: bool, peak: float, attention: Optional[str] = None) -> dict:
-  """One row: cost, size and speed of one model at one batch size."""
-  model_cfg, shape, classes = model_config(variant, merger, attention)
+            train: bool, reducer: Optional[dict] = None, hf: Optional[bool] = None,
+            peak: Optional[float] = None, attention: Optional[str] = None) -> dict:
+  """One row: cost, size and speed of one model at one batch size (`hf`: time the
+  transformers reference beside a plain model; None: the --hf_reference flag;
+  `peak`: TFLOP/s for the MFU columns, None: the device's)."""
+  peak = peak or utilisation.peak_tflops()[0]
+  model_cfg, shape, classes = model_config(variant, merger, reducer, attention)
   model = build_model(model_cfg, classes)
   _check_options(model, model_cfg)
   rng = np.random.default_rng(0)
@@ -147,7 +154,8 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
   jax.block_until_ready(compiled(params, images))  # Warm-up.
   infer = _median_rate(lambda: compiled(params, images), batch, repeats, calls)
   row = dict(variant=variant, merger=merger, image_size=shape[0], batch_size=batch,
-             dtype=model_cfg.dtype, mergers=[list(m) for m in model.mergers], gflops=gflops,
+             dtype=model_cfg.dtype, mergers=[list(m) for m in model.mergers],
+             reducer=model.reducer, tome_r=list(model.tome_r), gflops=gflops,
              params=flops.count_params(params)['total'], compile_s=compile_s,
              infer_mem_mib=_memory_mib(compiled), infer_img_s=infer,
              infer_mfu=infer * gflops / 1e3 / peak)
@@ -169,7 +177,8 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
     row['train_gflops'] = utilisation.train_step_flops(model, config, shape) / batch / 1e9
     row['train_mfu'] = row['train_img_s'] * row['train_gflops'] / 1e3 / peak
     del compiled_step, state
-  if _HF.value and merger == 'none' and variant != 'fmnist':
+  plain = merger == 'none' and model.reducer in ('patchmerger', 'none') and not model.tome_r
+  if (_HF.value if hf is None else hf) and plain and variant != 'fmnist':
     row.update(hf_reference(model, params, images, batch, repeats, calls))
   return row
 
@@ -181,7 +190,7 @@ def hf_reference(model, params, images, batch: int, repeats: int, calls: int) ->
   ours: float32 parameters), else on all CPU threads; {} without torch."""
   try:
     import torch
-    from patchmerger import hf_convert, pretrained
+    from patchmerger.checkpoints import export
   except ImportError:
     return {}
   # HF's ViT reads the class token; other heads are timed on a token twin of ours.
@@ -189,8 +198,7 @@ def hf_reference(model, params, images, batch: int, repeats: int, calls: int) ->
   if twin:
     model = model.clone(classifier='token', conv_stem=(), representation_size=None)
     params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
-  reference = hf_convert.hf_model(pretrained.flatten(jax.device_get(params)), model.num_heads,
-                                  images.shape[1])
+  reference = export.transformers_model(jax.device_get(params))
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   reference = reference.to(device)
   pixels = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()).to(device)
@@ -206,7 +214,8 @@ def hf_reference(model, params, images, batch: int, repeats: int, calls: int) ->
 
   with torch.inference_mode(), autocast:
     hf_rate = timed(lambda: reference(pixel_values=pixels).logits)
-  row = {'hf_device': device, 'hf_infer_img_s': hf_rate}
+  row = {'hf_device': device, 'hf_attention': reference.config._attn_implementation,
+         'hf_infer_img_s': hf_rate}
   if twin:  # Ours, as a token model, for the same work.
     ours = jax.jit(lambda p, x: model.apply({'params': p}, x))
     jax.block_until_ready(ours(params, images))
@@ -272,8 +281,8 @@ COLUMNS = ['variant', 'merger', 'attention', 'batch_size', 'dtype', 'gflops', 'p
            'hf_train_img_s', 'ours_vs_hf', 'ours_vs_hf_train', 'error']
 
 
-def markdown(rows: list[dict]) -> str:
-  columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+def markdown(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
+  columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
   def cell(value):
     if value is None:
       return '-'
@@ -370,7 +379,7 @@ def main(argv):
             add(key | _hf_only_row(variant, batch))
           continue
         add(key | _measure_safely(variant, merger, batch, _REPEATS.value, _CALLS.value,
-                                  _TRAIN.value, peak, attention))
+                                  _TRAIN.value, None, None, peak, attention))
   add_ratios(rows)
   text = tables(rows)
   print(text)

@@ -1,7 +1,7 @@
 """Shared pieces of the configs: arg-string parsing and the model section.
 
 A config file's `get_config(arg)` takes an arg string such as
-`variant=B/16,merger=8@6,classifier=gap` (the text after `:` in
+`variant=B/16,merger=8@6,reducer=tokenlearner` (the text after `:` in
 `--config=configs/X.py:...`). Every key must be one the config declares.
 """
 from typing import Any, Optional
@@ -59,7 +59,18 @@ def merger_config(spec: str) -> Any:
   return merger
 
 
-def model_config(variant: str, merger: str, **fields: Any) -> ml_collections.ConfigDict:
+def reducer_config(kind: str = 'patchmerger') -> ml_collections.ConfigDict:
+  """The `model.reducer` entry (patchmerger/models/reducers.py). `merger` places
+  patchmerger, tokenlearner and pool; tome uses r and start_block instead."""
+  return ml_collections.ConfigDict(dict(
+      kind=kind.strip().lower(),       # patchmerger | tokenlearner | pool | tome | none
+      r=config_dict.FieldReference(0, field_type=object),  # tome: int, or one per block
+      start_block=0,                   # tome: first block that merges
+  ))
+
+
+def model_config(variant: str, merger: str, reducer: str = 'patchmerger',
+                 **fields: Any) -> ml_collections.ConfigDict:
   """The `model` section. Sizes default to the variant's; set width, depth,
   mlp_dim or num_heads to override them (e.g. tiny widths in tests)."""
   return ml_collections.ConfigDict(dict(
@@ -69,6 +80,7 @@ def model_config(variant: str, merger: str, **fields: Any) -> ml_collections.Con
       mlp_dim=config_dict.placeholder(int),
       num_heads=config_dict.placeholder(int),
       merger=merger_config(merger),              # None: plain ViT
+      reducer=reducer_config(reducer),           # what sits in the merger slots
       classifier='token',                        # token | gap | map
       posemb='learn',                            # learn | sincos2d
       conv_stem=(),                              # channels of 3x3/2 convs

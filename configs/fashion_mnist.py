@@ -3,9 +3,13 @@ r"""The embedded default: a small ViT + PatchMerger on real Fashion-MNIST, CPU.
   python train.py --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
   python train.py --config=configs/fashion_mnist.py:merger=none --workdir=/tmp/plain
   python train.py --config=configs/fashion_mnist.py:variant=S/4 --config.model.conv_stem='(32,64)' ...
+  python train.py --config=configs/fashion_mnist.py:reducer=tokenlearner --workdir=/tmp/tl
+  python eval.py --config=configs/fashion_mnist.py:merger=none --workdir=/tmp/plain \
+      --config.model.reducer.kind=tome --config.model.reducer.r=2   # ToMe, no training
 
 Arg string keys: variant (NAME/PATCH; sizes below override the name's), merger
-(M, M@BLOCK, M@B+M@B or none), steps.
+(M, M@BLOCK, M@B+M@B or none), reducer (patchmerger, tokenlearner, pool, tome or
+none; what sits in the merger slots), steps.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -16,11 +20,13 @@ MERGER = '8@1'  # The default merger (M@BLOCK); configs that load these models r
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='Ti/8', merger=MERGER, steps=2600)
+  arg = common.parse_arg(arg, variant='Ti/8', merger=MERGER, reducer='patchmerger',
+                        steps=2600)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
   config.init_dont_load = ()             # regexes of parameters to re-initialise
+  config.init_strict = True             # refuse weights that leave parameters at init
 
   # Data: TFDS `fashion_mnist`, prepared offline from Debian's package on first use.
   config.dataset = 'fashion_mnist'
@@ -42,7 +48,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   # this stem with depth 4 reached 90.8% where the (16, 32) stem with depth 6
   # reached 89.6% (docs/results.md, section 6).
   config.model = common.model_config(
-      arg.variant, arg.merger, width=128, depth=4, mlp_dim=256, num_heads=4,
+      arg.variant, arg.merger, arg.reducer, width=128, depth=4, mlp_dim=256, num_heads=4,
       classifier='gap', conv_stem=(32, 64, 128))
 
   # Optimisation.

@@ -12,11 +12,12 @@ from configs import common
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='S/16', merger='8', epochs=90)
+  arg = common.parse_arg(arg, variant='S/16', merger='8', reducer='patchmerger', epochs=90)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
   config.init_dont_load = ()             # regexes of parameters to re-initialise
+  config.init_strict = True             # refuse weights that leave parameters at init
 
   config.dataset = 'imagenet2012'
   config.data_dir = config_dict.placeholder(str)
@@ -30,7 +31,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       num_shards=0))                   # data shards (0: one per process); fix it to
                                        # keep the data order when the host count changes
 
-  config.model = common.model_config(arg.variant, arg.merger, classifier='gap',
+  config.model = common.model_config(arg.variant, arg.merger, arg.reducer, classifier='gap',
                                      posemb='sincos2d',
                                      dtype='bfloat16')  # bf16 compute, f32 params
 

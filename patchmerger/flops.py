@@ -10,10 +10,11 @@ from patchmerger.models.vit import VisionTransformer
 
 
 def count_params(params: Any) -> dict:
-  """Total parameters and the PatchMergers' share of them."""
+  """Total parameters and the learned reducers' (PatchMerger, TokenLearner) share."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
   total = sum(int(np.prod(v.shape)) for v in flat.values())
-  merger = sum(int(np.prod(v.shape)) for k, v in flat.items() if '/patchmerger_' in k)
+  merger = sum(int(np.prod(v.shape)) for k, v in flat.items()
+               if '/patchmerger_' in k or '/tokenlearner_' in k)
   return dict(total=total, merger=merger)
 
 
@@ -46,12 +47,15 @@ def analytic_gflops(model: VisionTransformer, image_shape: tuple[int, int, int])
   tokens = (height // p) * (width // p)
   if model.conv_stem:
     raise ValueError('analytic_gflops covers the plain patchify stem only')
+  if model.reducer not in ('patchmerger', 'pool', 'none'):
+    raise ValueError(f'analytic_gflops does not count {model.reducer}; use measured_gflops')
   macs = tokens * p * p * channels * d  # Patch embedding.
   mergers = dict(model.mergers)
   for block in range(model.depth):
     if block in mergers:
       m = mergers[block]
-      macs += 2 * tokens * m * d  # Scores plus weighted sums.
+      # Scores plus weighted sums (pooling: the weighted sums only).
+      macs += (1 if model.reducer == 'pool' else 2) * tokens * m * d
       tokens = m
     n = tokens + cls
     macs += 4 * n * d * d + 2 * n * n * d + 2 * n * d * model.mlp_dim

@@ -7,13 +7,14 @@ import numpy as np
 
 
 def merge_weights(model: Any, params: Any, images: np.ndarray) -> np.ndarray:
-  """[batch, M, grid_h, grid_w] weights of the first merger over the patch grid."""
+  """[batch, M, grid_h, grid_w] weights of the first between-block reducer
+  (PatchMerger, TokenLearner or pooling) over the patch grid."""
   if not model.mergers:
     raise ValueError('This model has no PatchMerger: no merge weights to draw.')
   _, state = model.apply({'params': params}, images, mutable=['intermediates'])
   first_block = min(block for block, _ in model.mergers)
-  weights = np.asarray(jax.device_get(
-      state['intermediates']['Transformer'][f'patchmerger_{first_block}']['merge_weights'][0]))
+  weights = np.asarray(jax.device_get(state['intermediates']['Transformer'][
+      f'{model.reducer}_{first_block}']['merge_weights'][0]))
   grid = int(round(np.sqrt(weights.shape[-1])))
   return weights.reshape(*weights.shape[:2], grid, grid)
 

@@ -1,11 +1,18 @@
 """train.py / eval.py: bad input stops the run with one clear line."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def error_lines(stderr: str) -> list[str]:
+  """stderr without the start-up chatter TensorFlow's C++ logging prints."""
+  return [l for l in stderr.splitlines()
+          if l.strip() and not re.match(r'^(WARNING: All log messages before|[IWE]\d{4} )', l)]
 
 
 def _run(script, *args, data_dir=None):
@@ -20,7 +27,7 @@ def _run(script, *args, data_dir=None):
     (['--config=configs/fashion_mnist.py:varaint=B/16'], "Unknown config argument 'varaint=B/16'"),
     (['--config=configs/fashion_mnist.py:variant=Q/4'], "Unknown model variant 'Q/4'"),
     (['--config=configs/fashion_mnist.py:merger=8@9'], 'does not fit a model of depth 4'),
-    (['--config=configs/fashion_mnist.py:merger=0@2'], 'num_tokens >= 1'),
+    (['--config=configs/fashion_mnist.py:merger=0@2'], 'num_tokens must be an integer >= 1'),
     (['--config=configs/fashion_mnist.py', '--config.input.image_size=30'],
      'Image size 30x30 is not divisible by the patch size 8'),
     (['--config=configs/fashion_mnist.py:variant=Ti/6'], 'not divisible by the conv stem stride'),
@@ -51,3 +58,24 @@ def test_unwritable_workdir_fails_with_one_line(tmp_path):
   assert code == 2 and 'Traceback' not in stderr, stderr[-2000:]
   assert f'Workdir {blocker}/run is not writable' in stderr
   assert blocker.read_text() == 'keep me'
+
+
+@pytest.mark.parametrize('make_args,message', [
+    (lambda tmp: ['--config.batch_size=-4'], 'config.batch_size must be an integer >= 1, got -4'),
+    (lambda tmp: [f'--config.init_from={tmp}/absent'], f'absent does not exist'),
+    (lambda tmp: [f'--config.init_from={tmp}/weights.txt'], 'is a file but not a .npz'),
+    (lambda tmp: [f'--config.init_from={tmp}/empty_run'], 'is a directory without checkpoints'),
+])
+def test_bad_input_leaves_workdir_and_init_from_untouched(make_args, message, tmp_path):
+  (tmp_path / 'weights.txt').write_text('not weights')
+  (tmp_path / 'empty_run' / 'checkpoints').mkdir(parents=True)
+  before = sorted((str(p), p.read_bytes() if p.is_file() else b'') for p in tmp_path.rglob('*'))
+  workdir = tmp_path / 'run'
+  code, stderr = _run('train.py', '--config=configs/fashion_mnist.py', *make_args(tmp_path),
+                      f'--workdir={workdir}', f'--config.data_dir={tmp_path}/data')
+  lines = error_lines(stderr)
+  assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), stderr[-2000:]
+  assert message in lines[0]
+  assert not workdir.exists()
+  after = sorted((str(p), p.read_bytes() if p.is_file() else b'') for p in tmp_path.rglob('*'))
+  assert after == before

@@ -4,7 +4,8 @@ import pytest
 import tensorflow_datasets as tfds
 from matplotlib import image as mpimg
 
-from patchmerger import fewshot, merge_pictures, pretrained
+from patchmerger import fewshot, merge_pictures
+from patchmerger.checkpoints import loading
 from patchmerger.models import build_model
 from patchmerger.training import loop
 from tests import tiny
@@ -76,9 +77,9 @@ def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
   *_, state, _ = loop._setup(config)
   from patchmerger.training import checkpoint
   restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 5), 3, state)
-  adapted, report = pretrained.adapt(pretrained.load_npz(str(tmp_path / 'w.npz')),
-                                     restored.params, has_cls=False)
-  assert not report['new'] and not report['dropped']
+  flat, _ = loading.load(str(tmp_path / 'w.npz'))
+  adapted, report = loading.adapt(flat, restored.params, has_cls=False)
+  assert report.loaded and not report.new and not report.dropped and not report.missing
   images = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
   np.testing.assert_array_equal(model.apply({'params': adapted}, images),
                                 model.apply({'params': restored.params}, images))

@@ -3,12 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from patchmerger import pretrained
+from patchmerger.checkpoints import export, loading
 from patchmerger.models import VisionTransformer, parse_variant
 
 torch = pytest.importorskip('torch')
 pytest.importorskip('transformers')
-from patchmerger import hf_convert  # noqa: E402
 
 
 @pytest.mark.slow
@@ -21,12 +20,12 @@ def test_vit_b16_logits_match_transformers(tmp_path):
   rng = np.random.default_rng(1)
   flat = {k: (1 + 0.1 * rng.standard_normal(v.shape) if k.endswith('scale') else
               0.05 * rng.standard_normal(v.shape)).astype(np.float32)
-          for k, v in pretrained.flatten(params).items()}
-  pretrained.export_npz(pretrained.unflatten(flat), str(tmp_path / 'ViT-B_16.npz'))
+          for k, v in loading.flatten(params).items()}
+  export.export_npz(flat, str(tmp_path / 'ViT-B_16.npz'))
 
-  loaded = pretrained.load_npz(str(tmp_path / 'ViT-B_16.npz'))
-  ours = np.asarray(model.apply({'params': pretrained.unflatten(loaded)}, images))
-  reference = hf_convert.hf_model(loaded, arch['num_heads'], 224)
+  loaded, _ = loading.load(str(tmp_path / 'ViT-B_16.npz'))
+  ours = np.asarray(model.apply({'params': loading.unflatten(loaded)}, images))
+  reference = export.transformers_model(loaded)
   with torch.no_grad():
     theirs = reference(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
   assert ours.shape == theirs.shape == (2, 7)

@@ -16,7 +16,8 @@ sys.meta_path.insert(0, NoTensorFlow())
 '''
 
 TF_FREE = ('configs.fashion_mnist', 'configs.imagenet21k', 'configs.imagenet2012',
-           'patchmerger.models', 'patchmerger.flops', 'patchmerger.pretrained',
+           'patchmerger.models', 'patchmerger.flops', 'patchmerger.checkpoints.layouts',
+           'patchmerger.checkpoints.export',
            'patchmerger.training.state', 'patchmerger.training.step',
            'patchmerger.training.sharding', 'patchmerger.training.utilisation',
            'benchmarks.throughput')

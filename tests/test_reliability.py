@@ -18,7 +18,7 @@ import pytest
 
 from patchmerger.models import build_model
 from patchmerger.training import checkpoint, loop, metrics, state as state_lib, step
-from tests import tiny
+from tests import test_cli, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,3 +207,33 @@ def test_checkpoints_restore_without_pickle(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, name, refuse)
   restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 1), 1, state)
   jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+
+
+def _flip_a_byte(step_dir):
+  """One flipped byte in the OCDBT data file of the checkpoint's root (tensorstore reads
+  it for every array, so the damage is always detected)."""
+  path, = glob.glob(os.path.join(step_dir, 'default', 'd', '*'))
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.slow
+def test_eval_of_a_damaged_checkpoint_names_the_readable_steps(tmp_path):
+  tiny.run(str(tmp_path), tiny.tiny_config(total_steps=6, checkpoint_every=3, eval_every=6))
+  _flip_a_byte(tmp_path / 'checkpoints' / '6')
+  files_before = sorted(glob.glob(f'{tmp_path}/**', recursive=True))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, '-m', 'tests.tiny', '--eval', str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = test_cli.error_lines(result.stderr)
+  errors = [l for l in lines if l.startswith('error: ')]
+  assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr
+  assert errors[0].startswith('error: Checkpoint step 6 (')
+  assert 'is unreadable (' in errors[0]
+  assert errors[0].endswith('readable steps: 3 (choose one with --step=N).')
+  assert sorted(glob.glob(f'{tmp_path}/**', recursive=True)) == files_before  # Only read.

@@ -117,7 +117,7 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
 @pytest.mark.parametrize('overrides,message', [
     (dict(batch_size=15, accum_steps=2), 'not divisible by accum_steps'),
     (dict(accum_steps=32), 'not divisible by accum_steps'),
-    (dict(total_steps=0), 'total_steps must be >= 1'),
+    (dict(total_steps=0), 'config.total_steps must be an integer >= 1, got 0'),
     ({'mesh.data': 3}, 'does not fit'),
 ])
 def test_bad_training_settings_fail_before_training(overrides, message, tmp_path):

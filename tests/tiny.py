@@ -2,6 +2,7 @@
 that tests can start it in a subprocess with other device counts:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.tiny WORKDIR [KEY=VALUE ...]
+  python -m tests.tiny --eval WORKDIR [KEY=VALUE ...]     # eval.py's evaluation of WORKDIR
 """
 import sys
 
@@ -36,8 +37,17 @@ def run(workdir: str, config: ml_collections.ConfigDict) -> dict:
     return loop.train(config, workdir, builder)
 
 
+def evaluate(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  from patchmerger.training import loop
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    return loop.evaluate_checkpoint(config, workdir, builder, fewshot=False)
+
+
 if __name__ == '__main__':
-  overrides = dict(arg.split('=', 1) for arg in sys.argv[2:])
+  action = evaluate if sys.argv[1] == '--eval' else run
+  args = sys.argv[2:] if action is evaluate else sys.argv[1:]
+  overrides = dict(arg.split('=', 1) for arg in args[1:])
   typed = {k: int(v) if v.lstrip('-').isdigit() else v for k, v in overrides.items()}
   from patchmerger import cli  # Errors and signals end the run as train.py's do.
-  cli.run_reporting_errors(lambda: run(sys.argv[1], tiny_config(**typed)))
+  cli.run_reporting_errors(lambda: action(args[0], tiny_config(**typed)))

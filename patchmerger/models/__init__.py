@@ -1,8 +1,9 @@
-"""Models: the PatchMerger module and the ViT that hosts it."""
+"""Models: the ViT, its token reducers (PatchMerger, TokenLearner, pooling, ToMe)."""
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax.numpy as jnp
 
+from patchmerger.models import reducers, tome
 from patchmerger.models.patch_merger import PatchMerger
 from patchmerger.models.vit import VisionTransformer, parse_variant
 
@@ -43,9 +44,18 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
   if dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
   representation_size: Optional[int] = model_config.get('representation_size')
+  reducer = model_config.get('reducer') or {}  # Configs from before reducers lack it.
+  kind = reducers.check_kind(reducer.get('kind', 'patchmerger'))
+  # `merger` places the between-block reducers; tome and none use no slots.
+  mergers = (resolve_mergers(model_config.get('merger'), arch['depth'])
+             if kind in reducers.BETWEEN_BLOCKS else ())
+  tome_r = (tome.schedule(reducer.get('r', 0), reducer.get('start_block', 0), arch['depth'])
+            if kind == 'tome' else ())
   return VisionTransformer(
       num_classes=num_classes,
-      mergers=resolve_mergers(model_config.get('merger'), arch['depth']),
+      mergers=mergers,
+      reducer=kind,
+      tome_r=tome_r,
       classifier=model_config.get('classifier', 'token'),
       posemb=model_config.get('posemb', 'learn'),
       conv_stem=tuple(model_config.get('conv_stem') or ()),

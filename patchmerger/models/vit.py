@@ -1,11 +1,13 @@
-"""Vision Transformer with PatchMerger slots.
+"""Vision Transformer with token-reducer slots (PatchMerger and the others).
 
 Parameter names and shapes follow the public checkpoints of
 google-research/vision_transformer (`embedding`, `cls`,
 `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_N/...`,
 `Transformer/encoder_norm`, `pre_logits`, `head`), so their `.npz` files map
-onto this tree one to one. Mergers live at `Transformer/patchmerger_K`, where K
-is the index of the encoder block they precede.
+onto this tree one to one. Between-block reducers live at
+`Transformer/<kind>_K` (e.g. `Transformer/patchmerger_K`), where K is the index
+of the encoder block they precede; ToMe merges inside the blocks and has no
+parameters (patchmerger/models/reducers.py).
 """
 from typing import Any, Optional, Sequence
 
@@ -13,7 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from patchmerger.models.patch_merger import PatchMerger
+from patchmerger.models import reducers, tome
+from patchmerger.models.attention import MultiHeadAttention
 
 Dtype = Any
 
@@ -97,30 +100,40 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm transformer block (attention, then MLP, both residual)."""
+  """Pre-LayerNorm transformer block (attention, then MLP, both residual).
+
+  `merge` is an optional step between attention and MLP that reduces the tokens
+  using the attention keys (ToMe's tome.BipartiteMerge). `sizes` [batch, N, 1]
+  (how many patches each token stands for, None: all 1) add log(size) to the
+  attention logits. Returns (tokens, sizes).
+  """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.
   attention_dropout_rate: float = 0.
   dtype: Dtype = jnp.float32
+  merge: Optional[tome.BipartiteMerge] = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, deterministic: bool,
+               sizes: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, Optional[jnp.ndarray]]:
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
-        kernel_init=nn.initializers.xavier_uniform(), broadcast_dropout=False,
-        dropout_rate=self.attention_dropout_rate, deterministic=deterministic,
-        name='MultiHeadDotProductAttention_1')(y, y)
+    y, keys = MultiHeadAttention(
+        self.num_heads, self.dtype, self.attention_dropout_rate,
+        name='MultiHeadDotProductAttention_1')(
+            y, tome.proportional_bias(sizes), deterministic, return_keys=True)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic)
+    if self.merge is not None:
+      x, sizes = self.merge(x, keys, sizes)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(
         y, deterministic)
-    return x + y
+    return x + y, sizes
 
 
 class Encoder(nn.Module):
-  """Position embedding, encoder blocks with mergers between them, final norm."""
+  """Position embedding, encoder blocks with reducers between or inside them,
+  final norm. Returns (tokens, sizes); sizes is None unless ToMe merged."""
   depth: int
   mlp_dim: int
   num_heads: int
@@ -132,25 +145,33 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.
   merge_normalized: bool = True
   dtype: Dtype = jnp.float32
+  reducer: str = 'patchmerger'             # The kind in the `mergers` slots.
+  tome_r: Sequence[int] = ()               # ToMe merges per block; () for none.
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray,
+               deterministic: bool) -> tuple[jnp.ndarray, Optional[jnp.ndarray]]:
     x = AddPositionEmbs(self.posemb, self.grid, self.has_cls_token,
                         name='posembed_input')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic)
     merger_tokens = dict(self.mergers)
+    grid, sizes = tuple(self.grid), None
     for i in range(self.depth):
       if i in merger_tokens:
-        merger = PatchMerger(merger_tokens[i], self.merge_normalized, self.dtype,
-                             name=f'patchmerger_{i}')
-        if self.has_cls_token:  # The class token is carried past the merger.
-          x = jnp.concatenate([x[:, :1], merger(x[:, 1:])], axis=1)
+        reduce = reducers.between_blocks(self.reducer, merger_tokens[i], grid,
+                                         self.merge_normalized, self.dtype,
+                                         name=f'{self.reducer}_{i}')
+        grid = reducers.grid_after(self.reducer, merger_tokens[i], grid)
+        if self.has_cls_token:  # The class token is carried past the reducer.
+          x = jnp.concatenate([x[:, :1], reduce(x[:, 1:])], axis=1)
         else:
-          x = merger(x)
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate,
-                         self.attention_dropout_rate, self.dtype,
-                         name=f'encoderblock_{i}')(x, deterministic)
-    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+          x = reduce(x)
+      r = self.tome_r[i] if self.tome_r else 0
+      x, sizes = Encoder1DBlock(
+          self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
+          self.dtype, tome.BipartiteMerge(r, self.has_cls_token) if r else None,
+          name=f'encoderblock_{i}')(x, deterministic, sizes)
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x), sizes
 
 
 class MAPHead(nn.Module):
@@ -175,7 +196,9 @@ class MAPHead(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier; `mergers` lists (before_block, num_tokens) PatchMergers.
+  """ViT classifier; `mergers` lists (before_block, num_tokens) slots of the
+  between-block `reducer` (patchmerger, tokenlearner or pool); `tome_r` gives
+  ToMe's merges per block (one int per block, or () for no ToMe).
 
   `conv_stem` optionally replaces the single patchify convolution by 3x3
   stride-2 convolutions with the given channels (an "early convolution" stem),
@@ -197,6 +220,8 @@ class VisionTransformer(nn.Module):
   attention_dropout_rate: float = 0.
   merge_normalized: bool = True
   dtype: Dtype = jnp.float32
+  reducer: str = 'patchmerger'
+  tome_r: Sequence[int] = ()
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
@@ -217,6 +242,12 @@ class VisionTransformer(nn.Module):
         raise ValueError(f'A merger needs num_tokens >= 1, got {num_tokens}.')
     if len(set(blocks)) != len(blocks):
       raise ValueError(f'Two mergers before the same block: {self.mergers}')
+    reducers.check_kind(self.reducer)
+    if self.mergers and self.reducer not in reducers.BETWEEN_BLOCKS:
+      raise ValueError(f'Reducer {self.reducer!r} takes no merger slots; got {self.mergers}.')
+    if self.tome_r and (len(self.tome_r) != self.depth or self.reducer != 'tome'):
+      raise ValueError(f'tome_r needs reducer "tome" and one entry per block '
+                       f'({self.depth}); got {self.reducer!r} with {self.tome_r}.')
     super().__post_init__()
 
   @nn.compact
@@ -245,13 +276,18 @@ class VisionTransformer(nn.Module):
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
 
-    x = Encoder(self.depth, self.mlp_dim, self.num_heads, tuple(self.mergers),
-                self.posemb, (gh, gw), has_cls, self.dropout_rate,
-                self.attention_dropout_rate, self.merge_normalized, self.dtype,
-                name='Transformer')(x, deterministic=not train)
+    x, sizes = Encoder(self.depth, self.mlp_dim, self.num_heads, tuple(self.mergers),
+                       self.posemb, (gh, gw), has_cls, self.dropout_rate,
+                       self.attention_dropout_rate, self.merge_normalized, self.dtype,
+                       self.reducer, tuple(self.tome_r),
+                       name='Transformer')(x, deterministic=not train)
 
     if self.classifier == 'token':
       x = x[:, 0]
+    elif self.classifier == 'gap' and sizes is not None:
+      # ToMe's tokens stand for `sizes` patches each: the mean over the patches.
+      x = (jnp.sum(x * sizes.astype(x.dtype), axis=1)
+           / jnp.sum(sizes, axis=1).astype(x.dtype))
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=1)
     else:

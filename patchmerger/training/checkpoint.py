@@ -18,8 +18,13 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint holds a different model or optimizer than the config builds."""
 
 
-def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint's files cannot be read (truncated or corrupted)."""
+
+
+def make_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only)
   # The handler is named up front so that metadata can be read before a restore.
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
@@ -71,6 +76,32 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   check_compatible(manager, step, target)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _first_line(error: Exception) -> str:
+  return f'{type(error).__name__}: {(str(error).splitlines() or [""])[0][:200]}'
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """Checkpoint `step` onto `target`; an unreadable one raises UnreadableCheckpointError
+  naming the steps that do restore (tried one by one), and touches nothing."""
+  try:
+    return restore(manager, step, target)
+  except CheckpointMismatchError:
+    raise
+  except Exception as e:  # Truncated or corrupted files.
+    readable = []
+    for other in sorted(set(manager.all_steps()) - {step}):
+      try:
+        restore(manager, other, target)
+        readable.append(other)
+      except Exception:  # Unreadable too (or another model): not offered.
+        pass
+    where = os.path.join(str(manager.directory), str(step))
+    offer = (f'readable steps: {", ".join(map(str, readable))} (choose one with --step=N)'
+             if readable else 'no other step is readable')
+    raise UnreadableCheckpointError(
+        f'Checkpoint step {step} ({where}) is unreadable ({_first_line(e)}); {offer}.') from None
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:

@@ -1,5 +1,6 @@
 """The training loop: config -> data -> model -> sharded steps -> checkpoints/metrics."""
 import functools
+import json
 import logging
 import os
 import signal
@@ -13,24 +14,17 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from clu import parameter_overview, periodic_actions
 
-from patchmerger import flops, merge_pictures, pretrained
+from patchmerger import flops, merge_pictures
+from patchmerger.checkpoints import export, loading
 from patchmerger.data import input_pipeline
 from patchmerger.models import build_model
-from patchmerger.training import (checkpoint, evaluators, metrics, sharding, state as state_lib,
-                                  step, utilisation)
+from patchmerger.training import (checkpoint, config_checks, evaluators, metrics, sharding,
+                                  state as state_lib, step, utilisation)
 
 
 def _check_config(config: Any) -> None:
-  num_devices = jax.device_count()
-  if config.batch_size % num_devices:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
-                     f'{num_devices} devices.')
-  if config.batch_size % (config.accum_steps * num_devices):
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by accum_steps '
-                     f'{config.accum_steps} x {num_devices} devices.')
-  input_pipeline.check_shards(config.input, config.batch_size, jax.process_count())
-  if config.total_steps < 1:
-    raise ValueError(f'total_steps must be >= 1, got {config.total_steps}')
+  config_checks.check_ranges(config)
+  config_checks.check_batch(config)
 
 
 class Preempted(Exception):
@@ -76,7 +70,22 @@ class StopSignals:
 
 
 def ensure_writable(workdir: str) -> None:
-  """Fails at start, with one line, when `workdir` cannot hold checkpoints."""
+  """Fails at start, with one line, when `workdir` could not hold checkpoints; creates
+  nothing (the workdir is made only once every check has passed)."""
+  if '://' in workdir:  # Remote storage: permissions show only when writing.
+    return
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise PermissionError(f'Workdir {workdir} is not writable: {existing} is a file.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise PermissionError(f'Workdir {workdir} is not writable: no write permission on '
+                          f'{existing}.')
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves that it takes files (remote storage included)."""
   probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
   try:
     tf.io.gfile.makedirs(workdir)
@@ -98,15 +107,7 @@ def first_nonfinite(step_metrics: Sequence[dict], first_step: int,
   return None
 
 
-def validate(config: Any) -> None:
-  """Checks batch/mesh arithmetic and builds the model abstractly, so that bad
-  settings fail with one clear error before any data or compute."""
-  _check_config(config)
-  sharding.make_mesh(config.mesh)
-  model = build_model(config.model, config.num_classes)
-  images = jax.ShapeDtypeStruct(
-      (1, config.input.image_size, config.input.image_size, config.input.channels), jnp.float32)
-  jax.eval_shape(model.init, jax.random.key(0), images)
+validate = config_checks.validate
 
 
 def evaluate(eval_fn, params, eval_data, data_sharding, batch_size: int,
@@ -157,20 +158,31 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   public-layout `.npz`) and evaluates it on the test split: loss,
   accuracy, per-class accuracy, inference images/s and (when the config has a
   `fewshot` section) few-shot probes. Optionally draws the merge pictures of the
-  first test images and exports the parameters as a public-layout `.npz`."""
+  first test images and exports the parameters as a public-layout `.npz`.
+  Checkpoints are only read; every model parameter must come from them."""
   _check_config(config)
   model, mesh, image_shape, state, state_sharding = _setup(config)
-  if source and source.endswith('.npz'):  # Public-layout weights, fitted to the config.
-    params, report = pretrained.adapt(pretrained.load_npz(source), state.params,
-                                      has_cls=model.classifier == 'token')
-    pretrained.log_report(report)
+  if source and os.path.isfile(source):  # Public-layout weights, fitted to the config.
+    flat, layout = loading.load(source)
+    params, report = loading.adapt(flat, state.params, has_cls=model.classifier == 'token',
+                                   layout=layout.describe())
+    report.log()
+    if report.new or report.reinitialised:
+      raise loading.PretrainedMismatchError(
+          f'{source} ({layout.describe()}) lacks parameters this model needs for evaluation: '
+          f'{", ".join((report.new + report.reinitialised)[:3])}.')
     state = state.replace(params=jax.device_put(params, state_sharding.params), step=0)
   else:
-    manager = checkpoint.make_manager(source or workdir, config.keep_checkpoints)
-    step_number = manager.latest_step() if step_number is None else step_number
+    run_dir = source or workdir
+    manager = checkpoint.make_manager(run_dir, config.keep_checkpoints, read_only=True)
+    steps = manager.all_steps()
+    step_number = max(steps, default=None) if step_number is None else step_number
     if step_number is None:
-      raise FileNotFoundError(f'No checkpoint in {checkpoint.checkpoint_dir(source or workdir)}')
-    state = checkpoint.restore(manager, step_number, state)
+      raise FileNotFoundError(f'No checkpoint in {checkpoint.checkpoint_dir(run_dir)}')
+    if step_number not in steps:
+      raise FileNotFoundError(f'No checkpoint at step {step_number} in '
+                              f'{checkpoint.checkpoint_dir(run_dir)}; steps: {sorted(steps)}.')
+    state = checkpoint.restore_step(manager, step_number, state)
   data_sharding = sharding.batch_sharding(mesh)
   local_batch = config.batch_size // jax.process_count()
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
@@ -187,9 +199,10 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
     images = next(data.as_numpy_iterator())['image']
     params = jax.device_get(state.params)
     weights = merge_pictures.merge_weights(model, params, images)
+    tf.io.gfile.makedirs(os.path.dirname(os.path.abspath(pictures_path)))
     merge_pictures.draw(images, weights, pictures_path, config.input.mean, config.input.std)
   if export_path and jax.process_index() == 0:
-    pretrained.export_npz(state.params, export_path)
+    export.export_npz(jax.device_get(state.params), export_path)
   return results
 
 
@@ -197,7 +210,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   """Trains (or resumes) `config` in `workdir`; returns the final metrics."""
   tf.config.set_visible_devices([], 'GPU')  # tf.data must not grab accelerator memory.
   _check_config(config)
-  ensure_writable(workdir)
+  ensure_writable(workdir)  # Checks only; nothing is created before the weights fit.
   is_main = jax.process_index() == 0
   logging.info('JAX %s on %s: %d devices (%d local), process %d of %d', jax.__version__,
                jax.default_backend(), jax.device_count(), jax.local_device_count(),
@@ -210,17 +223,27 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   local_batch = config.batch_size // jax.process_count()
   dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
 
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  restored = checkpoint.restore_latest(manager, state)
+  manager, restored, init_report = None, None, None
+  if loading.checkpoint_steps(workdir):  # Resume.
+    manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+    restored = checkpoint.restore_latest(manager, state)
   state = restored if restored is not None else state
   start_step = int(state.step)
   if restored is None and config.get('init_from'):  # Fine-tuning: start from weights.
-    params, report = pretrained.adapt(pretrained.load(config.init_from), state.params,
-                                      has_cls=model.classifier == 'token',
-                                      dont_load=tuple(config.get('init_dont_load', ())))
-    pretrained.log_report(report)
+    flat, layout = loading.load(config.init_from)
+    params, init_report = loading.adapt(
+        flat, state.params, has_cls=model.classifier == 'token',
+        dont_load=tuple(config.get('init_dont_load', ())),
+        strict=config.get('init_strict', True), layout=layout.describe())
+    init_report.log()
     state = state.replace(params=jax.device_put(params, state_sharding.params))
-  # Only now, with the checkpoint known to fit, does the run add files to workdir.
+  # Only now, with every check passed and the weights known to fit, does the run
+  # create its workdir and add files to it.
+  make_workdir(workdir)
+  manager = manager or checkpoint.make_manager(workdir, config.keep_checkpoints)
+  if init_report and is_main:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'init_report.json'), 'w') as f:
+      json.dump({'init_from': config.init_from} | init_report.as_dict(), f, indent=1)
   writer = metrics.create_writer(workdir, is_main)
   state_mib = sharding.bytes_per_device(state) / 2 ** 20
   logging.info('Train state (params + optimizer): %.2f MiB per device, mesh %s', state_mib,

@@ -1,0 +1,58 @@
+"""Writing a model's parameters in the public layouts.
+
+- `npz`: google-research/vision_transformer's layout (ours), one array per parameter;
+- `big_vision`: big_vision's stacked (scan) layout, loadable by its `vit.load`;
+- `transformers`: a directory that `ViTForImageClassification.from_pretrained` opens
+  (plain class-token ViTs only; needs torch and transformers).
+Each reloads through `loading.load` to identical logits.
+"""
+from typing import Any, Mapping
+
+import numpy as np
+from etils import epath
+
+from patchmerger.checkpoints import layouts, loading
+
+FORMATS = ('npz', 'big_vision', 'transformers')
+
+
+def _write_npz(flat: Mapping[str, np.ndarray], path: str) -> None:
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(path).open('wb') as f:
+    np.savez(f, **flat)
+
+
+def export_npz(params: Any, path: str) -> None:
+  """`params` (a tree or a flat dict) in the vision_transformer `.npz` layout."""
+  _write_npz(loading.flatten(params), path)
+
+
+def export_big_vision(params: Any, path: str) -> None:
+  """`params` in big_vision's stacked `.npz` layout."""
+  _write_npz(layouts.to_big_vision(loading.flatten(params)), path)
+
+
+def transformers_model(params: Any):
+  """A `ViTForImageClassification` (eval mode) holding exactly `params`."""
+  flat = loading.flatten(params)
+  refusal = layouts.transformers_refusal(flat)
+  if refusal:
+    raise ValueError(f'Cannot export to transformers: {refusal}')
+  import torch
+  from transformers import ViTConfig, ViTForImageClassification
+  model = ViTForImageClassification(ViTConfig(**layouts.transformers_config(flat)))
+  state = {k: torch.from_numpy(v) for k, v in layouts.to_transformers(flat).items()}
+  model.load_state_dict(state, strict=True)
+  return model.eval()
+
+
+def export_transformers(params: Any, directory: str) -> None:
+  """A transformers model directory (config.json + weights) holding `params`."""
+  transformers_model(params).save_pretrained(directory)
+
+
+def export(params: Any, fmt: str, out: str) -> None:
+  if fmt not in FORMATS:
+    raise ValueError(f'--to must be one of {", ".join(FORMATS)}, got {fmt!r}')
+  {'npz': export_npz, 'big_vision': export_big_vision,
+   'transformers': export_transformers}[fmt](params, out)

@@ -1,0 +1,58 @@
+"""Multi-head self-attention with an optional logit bias, returning its keys on request.
+
+Parameter names and shapes are those of `flax.linen.MultiHeadDotProductAttention`
+(`query`, `key`, `value`: [D, heads, head_dim]; `out`: [heads, head_dim, D]), so
+public checkpoints and our older runs load unchanged. It exists for ToMe, which
+needs the keys (to measure token similarity) and adds log(token size) to the
+attention logits (proportional attention).
+"""
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention over [batch, tokens, D].
+
+  Attributes:
+    num_heads: number of heads; D must divide by it.
+    dtype: compute dtype.
+    dropout_rate: dropout on the attention weights (training only).
+    implementation: passed to `jax.nn.dot_product_attention` (None or 'xla').
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, bias: Optional[jnp.ndarray] = None,
+               deterministic: bool = True, return_keys: bool = False):
+    """`bias` broadcasts to [batch, heads, queries, keys] and is added to the
+    logits. Returns the output, or (output, keys [batch, tokens, heads, head_dim])."""
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    project = functools.partial(
+        nn.DenseGeneral, features=(self.num_heads, width // self.num_heads), axis=-1,
+        dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())
+    query, key, value = (project(name=name)(x) for name in ('query', 'key', 'value'))
+    if bias is not None:
+      bias = bias.astype(query.dtype)
+    if self.dropout_rate > 0. and not deterministic:
+      # jax.nn.dot_product_attention has no dropout; flax's reference path does.
+      y = nn.dot_product_attention(
+          query, key, value, bias=bias, dropout_rng=self.make_rng('dropout'),
+          dropout_rate=self.dropout_rate, broadcast_dropout=False, deterministic=False,
+          dtype=self.dtype)
+    else:
+      y = jax.nn.dot_product_attention(query, key, value, bias=bias,
+                                       implementation=self.implementation)
+    y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                        kernel_init=nn.initializers.xavier_uniform(), name='out')(y)
+    return (y, key) if return_keys else y

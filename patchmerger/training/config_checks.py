@@ -1,0 +1,119 @@
+"""Checks of a whole config before anything is touched: the workdir, the data, the devices.
+
+Every number with a valid range is checked here, so that a bad value fails with one line
+naming the field instead of deep inside JAX or TensorFlow after files were written.
+"""
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from patchmerger.checkpoints import loading
+from patchmerger.data import input_pipeline
+from patchmerger.models import build_model
+from patchmerger.training import sharding
+
+_positive = (lambda v: v >= 1, 'an integer >= 1')
+_non_negative = (lambda v: v >= 0, '>= 0')
+_fraction = (lambda v: 0 <= v < 1, 'in [0, 1)')
+_beta = (lambda v: 0 <= v < 1, 'in [0, 1)')
+
+# Field path -> (predicate, what a valid value is). Fields a config lacks are skipped;
+# None means "unset" and is left to the code that reads it.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'batch_size': _positive,
+    'total_steps': _positive,
+    'accum_steps': _positive,
+    'num_classes': _positive,
+    'log_every': _positive,
+    'eval_every': _positive,
+    'checkpoint_every': _positive,
+    'keep_checkpoints': _positive,
+    'seed': _non_negative,
+    'label_smoothing': _fraction,
+    'skip_nonfinite_updates': _non_negative,
+    'lr.base': (lambda v: v > 0, '> 0'),
+    'lr.warmup_steps': _non_negative,
+    'lr.end_value': _non_negative,
+    'optim.b1': _beta,
+    'optim.b2': _beta,
+    'optim.weight_decay': _non_negative,
+    'optim.clip_norm': _non_negative,
+    'input.image_size': _positive,
+    'input.channels': _positive,
+    'input.std': (lambda v: v > 0, '> 0'),
+    'input.shuffle_buffer': _positive,
+    'input.data_threads': _non_negative,
+    'input.num_shards': _non_negative,
+    'model.width': _positive,
+    'model.depth': _positive,
+    'model.mlp_dim': _positive,
+    'model.num_heads': _positive,
+    'model.representation_size': _positive,
+    'model.dropout_rate': _fraction,
+    'model.attention_dropout_rate': _fraction,
+    'model.merger.num_tokens': _positive,
+    'model.merger.before_block': _non_negative,
+    'mesh.data': (lambda v: v == -1 or v >= 1, '-1 (all remaining devices) or >= 1'),
+    'mesh.fsdp': (lambda v: v == -1 or v >= 1, '-1 (all remaining devices) or >= 1'),
+    'mesh.fsdp_min_size': _non_negative,
+    'fewshot.every': _non_negative,
+    'fewshot.pool_examples': _positive,
+    'fewshot.test_examples': _positive,
+    'fewshot.l2': _non_negative,
+}
+
+
+def _lookup(config: Any, path: str) -> tuple[bool, Any]:
+  node = config
+  for part in path.split('.'):
+    if node is None or not hasattr(node, 'get') or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def check_ranges(config: Any) -> None:
+  """ValueError naming the first field whose value is out of its range."""
+  for path, (valid, expected) in RANGES.items():
+    present, value = _lookup(config, path)
+    if not present or value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not math.isfinite(value)) or not valid(value):
+      raise ValueError(f'config.{path} must be {expected}, got {value!r}.')
+  present, shots = _lookup(config, 'fewshot.shots')
+  if present and any(int(s) < 1 for s in shots):
+    raise ValueError(f'config.fewshot.shots must all be >= 1, got {tuple(shots)}.')
+  present, mergers = _lookup(config, 'model.merger')
+  if present and isinstance(mergers, (tuple, list)):
+    for merger in mergers:
+      if int(merger['num_tokens']) < 1:
+        raise ValueError(f'config.model.merger num_tokens must be >= 1, got {mergers}.')
+
+
+def check_batch(config: Any) -> None:
+  """The batch arithmetic against devices, gradient accumulation and data shards."""
+  num_devices = jax.device_count()
+  if config.batch_size % num_devices:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
+                     f'{num_devices} devices.')
+  if config.batch_size % (config.accum_steps * num_devices):
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by accum_steps '
+                     f'{config.accum_steps} x {num_devices} devices.')
+  input_pipeline.check_shards(config.input, config.batch_size, jax.process_count())
+
+
+def validate(config: Any) -> None:
+  """Ranges, batch and mesh arithmetic, `init_from` (read-only) and the model built
+  abstractly: bad settings fail with one clear line before any data or compute."""
+  check_ranges(config)
+  check_batch(config)
+  sharding.make_mesh(config.mesh)
+  if config.get('init_from'):
+    loading.check_source(config.init_from)
+  model = build_model(config.model, config.num_classes)
+  images = jax.ShapeDtypeStruct(
+      (1, config.input.image_size, config.input.image_size, config.input.channels), jnp.float32)
+  jax.eval_shape(model.init, jax.random.key(0), images)

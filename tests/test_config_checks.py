@@ -1,0 +1,64 @@
+"""Every range-checked config field: a bad value is one `error:` line and exit code 2."""
+import pytest
+
+from patchmerger import cli
+from patchmerger.training import config_checks, loop
+from tests import tiny
+
+# Fields where zero is also invalid (the rest accept 0 and refuse negatives).
+ZERO_INVALID = {
+    'batch_size', 'total_steps', 'accum_steps', 'num_classes', 'log_every', 'eval_every',
+    'checkpoint_every', 'keep_checkpoints', 'lr.base', 'input.image_size', 'input.channels',
+    'input.std', 'input.shuffle_buffer', 'model.width', 'model.depth', 'model.mlp_dim',
+    'model.num_heads', 'model.representation_size', 'model.merger.num_tokens', 'mesh.data',
+    'mesh.fsdp', 'fewshot.pool_examples', 'fewshot.test_examples'}
+# Fields below 1 by definition (probabilities, Adam betas): 1.0 is invalid too.
+ONE_INVALID = {'label_smoothing', 'optim.b1', 'optim.b2', 'model.dropout_rate',
+               'model.attention_dropout_rate'}
+# Every other checked field refuses negatives only.
+NEGATIVE_INVALID = {'seed', 'skip_nonfinite_updates', 'lr.warmup_steps', 'lr.end_value',
+                    'optim.weight_decay', 'optim.clip_norm', 'input.data_threads',
+                    'input.num_shards', 'model.merger.before_block', 'mesh.fsdp_min_size',
+                    'fewshot.every', 'fewshot.l2'}
+
+
+def test_every_checked_field_is_covered_here():
+  assert set(config_checks.RANGES) == ZERO_INVALID | ONE_INVALID | NEGATIVE_INVALID
+
+
+def _cases():
+  for path in sorted(config_checks.RANGES):
+    yield path, -2
+    if path in ZERO_INVALID:
+      yield path, 0
+    if path in ONE_INVALID:
+      yield path, 1.0
+
+
+@pytest.mark.parametrize('path,value', list(_cases()))
+def test_out_of_range_value_is_one_error_line(path, value, capsys):
+  config = tiny.tiny_config()
+  config.fewshot.every = 0
+  if path == 'model.representation_size':
+    config.model.representation_size = 8
+  if isinstance(config_checks._lookup(config, path)[1], float):
+    value = float(value)
+  config_checks.check_ranges(config)
+  *parents, leaf = path.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_reporting_errors(lambda: loop.validate(config))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith(f'error: config.{path} must be ')
+  assert f'got {value!r}' in err
+
+
+def test_negative_shots_are_refused():
+  config = tiny.tiny_config()
+  config.fewshot.shots = (1, 0)
+  with pytest.raises(ValueError, match=r'config.fewshot.shots must all be >= 1'):
+    config_checks.check_ranges(config)
