@@ -13,6 +13,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from patchmerger import flops
 from patchmerger.training import sharding, state as state_lib, step
 
 # Dense bfloat16 TFLOP/s per chip, matched against jax's `device_kind` (lower
@@ -69,17 +70,9 @@ def compiled_flops(compiled: Any) -> float:
   return float((cost or {}).get('flops', float('nan')))
 
 
-def counted_model(model: Any) -> Any:
-  """`model` as XLA's cost analysis can count it: blocks unrolled (a while loop's
-  body is counted once), no rematerialisation (recomputation is not model FLOPs)
-  and XLA attention (a fused kernel is a custom call that counts nothing)."""
-  plain = {'scan': False, 'remat_policy': 'none', 'attention': 'xla'}
-  return model.clone(**{k: v for k, v in plain.items() if hasattr(model, k)})
-
-
 def forward_flops(model: Any, image_shape: tuple[int, ...], batch_size: int = 1) -> float:
   """FLOPs of the forward pass on `batch_size` images (lowered, not compiled)."""
-  model = counted_model(model)
+  model = flops.counted_model(model)
   images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   return compiled_flops(jax.jit(model.apply).lower(variables, images))
@@ -90,12 +83,12 @@ def train_step_flops(model: Any, config: Any, image_shape: tuple[int, ...]) -> f
   on the whole batch, lowered (not compiled) for one device, divided by the
   device count.
 
-  Counted without gradient accumulation and on `counted_model(model)`: the
+  Counted without gradient accumulation and on `flops.counted_model(model)`: the
   FLOPs the model needs, not those a loop hides or a recomputation adds (MFU,
   not hardware FLOPs utilisation). For a loop-free step this is the compiled
   step's count (ViT-S/16 at batch 8: 115.61 against 115.67 GFLOPs).
   """
-  model = counted_model(model)
+  model = flops.counted_model(model)
   create = functools.partial(state_lib.create_state, model, config, image_shape=image_shape)
   state = jax.eval_shape(create, jax.random.key(0))
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, *image_shape), jnp.float32),
