@@ -155,7 +155,8 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
   infer = _median_rate(lambda: compiled(params, images), batch, repeats, calls)
   row = dict(variant=variant, merger=merger, image_size=shape[0], batch_size=batch,
              dtype=model_cfg.dtype, mergers=[list(m) for m in model.mergers],
-             reducer=model.reducer, tome_r=list(model.tome_r), gflops=gflops,
+             reducer=model.reducer, tome_r=list(model.tome_r), attention=model.attention,
+             scan=model.scan, remat=model.remat_policy, gflops=gflops,
              params=flops.count_params(params)['total'], compile_s=compile_s,
              infer_mem_mib=_memory_mib(compiled), infer_img_s=infer,
              infer_mfu=infer * gflops / 1e3 / peak)
@@ -275,9 +276,9 @@ def best_rows(rows: list[dict]) -> list[dict]:
   return list(best.values())
 
 
-COLUMNS = ['variant', 'merger', 'attention', 'batch_size', 'dtype', 'gflops', 'params', 'flops_ratio',
-           'infer_img_s', 'speedup_infer', 'infer_mfu', 'train_img_s', 'speedup_train',
-           'train_mfu', 'compile_s', 'infer_mem_mib', 'train_mem_mib', 'hf_infer_img_s',
+COLUMNS = ['variant', 'merger', 'attention', 'scan', 'remat', 'batch_size', 'dtype', 'gflops',
+           'params', 'flops_ratio', 'infer_img_s', 'speedup_infer', 'infer_mfu', 'train_img_s',
+           'speedup_train', 'train_mfu', 'compile_s', 'infer_mem_mib', 'train_mem_mib', 'hf_infer_img_s',
            'hf_train_img_s', 'ours_vs_hf', 'ours_vs_hf_train', 'error']
 
 

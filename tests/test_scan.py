@@ -62,7 +62,8 @@ def test_scan_gives_the_unrolled_logits_and_gradients(place):
   expected = flax.traverse_util.flatten_dict(
       jax.eval_shape(scanned.init, jax.random.key(0), images[:1])['params'], sep='/')
   assert {k: v.shape for k, v in stacked.items()} == {k: v.shape for k, v in expected.items()}
-  assert layouts.scanned_runs(stacked) == runs and layouts.unstack_runs(stacked).keys() == flat.keys()
+  assert layouts.scanned_runs(stacked) == runs
+  assert layouts.unstack_runs(stacked).keys() == flat.keys()
 
   logits_u, grads_u = _logits_and_grads(unrolled, loading.unflatten(flat), images, labels)
   logits_s, grads_s = _logits_and_grads(scanned, loading.unflatten(stacked), images, labels)
