@@ -21,8 +21,9 @@ def test_float32_attention_equals_flax_attention(implementation):
   # The same parameter names and shapes: every checkpoint still loads.
   assert (jax.tree.map(jnp.shape, params)
           == jax.tree.map(jnp.shape, flax_attention.init(jax.random.key(1), x)))
-  np.testing.assert_allclose(ours.apply(params, x), flax_attention.apply(params, x),
-                             atol=1e-5, rtol=0)
+  with jax.default_matmul_precision('float32'):  # No TF32 on GPUs.
+    np.testing.assert_allclose(ours.apply(params, x), flax_attention.apply(params, x),
+                               atol=1e-5, rtol=0)
 
 
 def test_auto_picks_cudnn_only_where_it_applies():
@@ -61,7 +62,8 @@ def test_bfloat16_forward_is_finite_and_close_to_float32(scan):
   rng = np.random.default_rng(1)  # A random head: it starts at zero.
   flat = {k: v + 0.05 * rng.standard_normal(v.shape).astype(np.float32) for k, v in flat.items()}
   params = loading.unflatten(flat)
-  f32 = np.asarray(model.apply({'params': params}, images))
+  with jax.default_matmul_precision('float32'):  # The reference: no TF32 on GPUs.
+    f32 = np.asarray(model.apply({'params': params}, images))
   bf16 = np.asarray(model.clone(dtype=jnp.bfloat16).apply({'params': params}, images))
   assert bf16.dtype == np.float32  # Logits (and the loss) stay float32.
   assert np.isfinite(bf16).all() and np.abs(f32).max() > 0.1

@@ -30,6 +30,12 @@ def _random_params(model, images):
 
 
 def _logits_and_grads(model, params, images, labels):
+  """Logits and gradients in full float32 (GPUs would otherwise use TF32 matmuls)."""
+  with jax.default_matmul_precision('float32'):
+    return _logits_and_grads_traced(model, params, images, labels)
+
+
+def _logits_and_grads_traced(model, params, images, labels):
   def loss(p):
     logits = model.apply({'params': p}, images)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), logits
