@@ -141,6 +141,10 @@ def log_start(config: Any) -> float:
     logging.warning('\n%s\nJAX IS RUNNING ON CPU: %s. Install the CUDA or TPU jax '
                     '(README, "GPUs and TPUs") or use a CPU config.\n%s', banner, warning,
                     banner)
+  if config.model.get('remat_policy', 'none') != 'none' and not config.model.get('scan'):
+    logging.warning('model.remat_policy=%s without model.scan: XLA may place the recomputed '
+                    'blocks together and save no memory (README, "GPUs and TPUs"); set '
+                    'model.scan=True too.', config.model.remat_policy)
   peak, source = peak_tflops()
   logging.info('Peak %.1f TFLOP/s per device (%s)', peak, source)
   return peak
