@@ -4,6 +4,7 @@ r"""Trains a ViT (+ PatchMerger) from a config; resumes if WORKDIR holds a check
   python train.py --config=configs/fashion_mnist.py:merger=none --workdir=workdirs/plain
   python train.py --config=configs/imagenet21k.py:variant=B/16 \
       --config.model.merger.num_tokens=16 --workdir=...
+  python train.py --config=configs/transfer.py:dataset=cifar10 --check_data   # data only
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,7 +14,9 @@ from patchmerger import cli
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (with :arg string).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_CHECK_DATA = flags.DEFINE_boolean('check_data', False, 'Only say whether the config\'s '
+                                   'dataset is ready (exit 0) or what is missing (exit 2).')
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
@@ -22,6 +25,12 @@ def main(argv):
   # Imported here so that --help and flag errors do not pay for jax/tf start-up.
   from patchmerger.data import local
   from patchmerger.training import loop
+
+  if _CHECK_DATA.value:
+    cli.run_reporting_errors(lambda: print(local.check_data(_CONFIG.value), flush=True))
+    return
+  if not _WORKDIR.value:
+    cli.fail('--workdir is required (except with --check_data).')
 
   def run():
     config = _CONFIG.value

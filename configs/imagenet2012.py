@@ -27,6 +27,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict(dict(
       image_size=224, channels=3, augment='inception_crop_flip',
       shuffle_buffer=250_000, mean=0.5, std=0.5,
+      eval_crop_ratio=0.875,           # evaluation: short side to 224 / 0.875, central 224
       data_threads=0,                  # 0: tf.data autotunes its threads
       num_shards=0))                   # data shards (0: one per process); fix it to
                                        # keep the data order when the host count changes

@@ -62,3 +62,22 @@ def test_gpu_check_script_parses():
   result = subprocess.run(['bash', '-n', 'benchmarks/gpu_check.sh'], cwd=ROOT,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_input_pipeline_benchmark_prepares_and_reads_imagenet_sized_jpegs(tmp_path):
+  out_json = tmp_path / 'input.json'
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/input_pipeline.py', '--images=20', '--seconds=0.5',
+       '--batch_size=4', '--image_size=32', '--threads=1,2', f'--json={out_json}'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads(out_json.read_text())
+  assert results['images'] == 20 and 90 < results['mean_jpeg_kb'] < 130
+  (prepared,) = results['prepare']
+  assert prepared['workers'] == 1 and prepared['images_per_sec'] > 0
+  assert prepared['dataset_bytes'] > 20 * 90_000  # The JPEGs are stored as they are.
+  assert [row['threads'] for row in results['pipeline']] == [1, 2]
+  assert all(row['images'] > 0 and row['images_per_sec'] > 0 for row in results['pipeline'])
+  assert 'training pipeline, 2 thread(s):' in result.stdout

@@ -36,10 +36,11 @@ def test_one_training_step_for_every_config(name, tmp_path):
   config.update(batch_size=4, total_steps=1, log_every=1, eval_every=1, checkpoint_every=1)
   config.input.shuffle_buffer = 8
   config.mesh = dict(data=-1, fsdp=1)
-  if config.dataset not in tfds.list_builders():  # e.g. imagenet21k, digits: a look-alike.
+  if config.dataset not in tfds.list_builders():  # e.g. imagenet21k, digits, folder:...
     config.dataset = 'mnist' if config.input.channels == 1 else 'imagenet2012'
   with tfds.testing.mock_data(num_examples=8):
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    config.num_classes = builder.info.features['label'].num_classes  # The look-alike's.
     summary = loop.train(config, str(tmp_path), builder)
   assert summary['step'] == 1
   assert np.isfinite(summary['train/loss']) and 0 <= summary['test/accuracy'] <= 1

@@ -3,6 +3,12 @@
 Training data is a pure function of (seed, step): each epoch is shuffled with
 its own seed, augmentation uses stateless ops keyed by the example's position
 in the stream, so resuming at step k reproduces the uninterrupted stream.
+
+Images stay encoded (TFDS `SkipDecoding`) through the cache, the shuffle buffer
+and the resume `skip`: a 250,000-image buffer holds ~110 KB JPEGs, not decoded
+full-size images, and skipped images are never decoded. Decoding comes last;
+the inception crop is decoded straight from the JPEG at its original
+resolution (`decode_and_crop_jpeg`), then resized.
 """
 from typing import Any, Iterator, Mapping, Optional
 
@@ -14,13 +20,61 @@ import tensorflow_datasets as tfds
 AUGMENTATIONS = ('none', 'flip', 'flip_crop', 'inception_crop_flip')
 
 
+def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
+  """JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, channels] (gray <-> RGB converted)."""
+  image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+  image.set_shape([None, None, channels])
+  return image
+
+
 def _to_model_input(image: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Tensor:
-  size, channels = input_config['image_size'], input_config['channels']
+  """The whole image resized to image_size x image_size, normalised."""
+  size = input_config['image_size']
   image = tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
-  if image.shape[-1] == 1 and channels == 3:
-    image = tf.image.grayscale_to_rgb(image)
-  image = tf.image.resize(image, (size, size)) if image.shape[:2] != (size, size) else image
+  image = tf.image.resize(image, (size, size))
   return (image - input_config['mean']) / input_config['std']
+
+
+def inception_crop(encoded: tf.Tensor, seed: tf.Tensor, channels: int) -> tf.Tensor:
+  """A random crop of 5-100% of the area, aspect 3/4-4/3, at the original resolution.
+
+  JPEGs decode only the crop window; other formats decode whole, then crop. Both
+  paths sample the same window for the same image shape and `seed`.
+  """
+  def window(shape):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), seed, area_range=(0.05, 1.0),
+        min_object_covered=0.0, use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+  def from_jpeg():
+    begin, size = window(tf.image.extract_jpeg_shape(encoded))
+    crop_window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    return tf.image.decode_and_crop_jpeg(encoded, crop_window, channels=channels)
+
+  def from_other():
+    image = _decode(encoded, channels)
+    begin, size = window(tf.shape(image))
+    return tf.slice(image, tf.stack([begin[0], begin[1], 0]), tf.stack([size[0], size[1], -1]))
+
+  crop = tf.cond(tf.io.is_jpeg(encoded), from_jpeg, from_other)
+  crop.set_shape([None, None, channels])
+  return crop
+
+
+def central_crop(image: tf.Tensor, size: int, crop_ratio: float) -> tf.Tensor:
+  """Short side resized to size / crop_ratio, then the central size x size square
+  (the aspect ratio is kept). Float in, float out."""
+  shape = tf.shape(image)
+  height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  scale = size / crop_ratio / tf.minimum(height, width)
+  new_height = tf.maximum(tf.cast(tf.round(height * scale), tf.int32), size)
+  new_width = tf.maximum(tf.cast(tf.round(width * scale), tf.int32), size)
+  image = tf.image.resize(image, tf.stack([new_height, new_width]))
+  top, left = (new_height - size) // 2, (new_width - size) // 2
+  image = tf.slice(image, tf.stack([top, left, 0]), tf.stack([size, size, -1]))
+  image.set_shape([size, size, None])
+  return image
 
 
 def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str, size: int) -> tf.Tensor:
@@ -30,13 +84,41 @@ def _augment(image: tf.Tensor, seed: tf.Tensor, kind: str, size: int) -> tf.Tens
     pad = max(1, size // 8)
     image = tf.image.resize_with_crop_or_pad(image, size + 2 * pad, size + 2 * pad)
     image = tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seeds[0])
-  elif kind == 'inception_crop_flip':
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seeds[0],
-        area_range=(0.05, 1.0), min_object_covered=0.0, use_image_if_no_bounding_boxes=True)
-    image = tf.slice(image, begin, crop_size)
-    image = tf.image.resize(image, (size, size))
   return tf.image.stateless_random_flip_left_right(image, seeds[1])
+
+
+def train_image(encoded: tf.Tensor, seed: tf.Tensor,
+                input_config: Mapping[str, Any]) -> tf.Tensor:
+  """Encoded image -> augmented, normalised float32 [size, size, channels]."""
+  kind, size, channels = (input_config['augment'], input_config['image_size'],
+                          input_config['channels'])
+  if kind == 'inception_crop_flip':  # Crop the original image, then resize the crop.
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = tf.image.resize(inception_crop(encoded, crop_seed, channels), (size, size))
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return (image / 255.0 - input_config['mean']) / input_config['std']
+  image = _to_model_input(_decode(encoded, channels), input_config)
+  return image if kind == 'none' else _augment(image, seed, kind, size)
+
+
+def eval_image(encoded: tf.Tensor, input_config: Mapping[str, Any]) -> tf.Tensor:
+  """Encoded image -> short side resized, central crop (`input.eval_crop_ratio`,
+  default 1: the largest central square), normalised float32."""
+  size, channels = input_config['image_size'], input_config['channels']
+  image = tf.image.convert_image_dtype(_decode(encoded, channels), tf.float32)
+  image = central_crop(image, size, input_config.get('eval_crop_ratio', 1.0))
+  return (image - input_config['mean']) / input_config['std']
+
+
+def encoded_examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+  """{'image': encoded bytes (tf.string), 'label'} of `split`, in file order."""
+  feature = builder.info.features['image']
+  if not isinstance(feature, tfds.features.Image):
+    raise ValueError(f'Dataset {builder.name}: feature image is a {type(feature).__name__}, '
+                     'not an encoded tfds.features.Image.')
+  data = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+  return data.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
 
 def train_batches(builder: tfds.core.DatasetBuilder, split: str,
@@ -95,13 +177,11 @@ def _shard_stream(builder: tfds.core.DatasetBuilder, split: str,
                   input_config: Mapping[str, Any], batch_size: int, seed: int, shard: int,
                   start_step: int) -> tf.data.Dataset:
   """Batches of one shard: per-epoch shuffles, stateless augmentation, from `start_step`."""
-  kind = input_config['augment']
-  data = builder.as_dataset(split=split, shuffle_files=False)
-  data = data.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+  data = encoded_examples(builder, split)
   num_examples = int(data.cardinality())
   if num_examples <= 0:
     raise ValueError(f'Split {split!r} of {builder.name} has no examples')
-  if num_examples <= 200_000:  # Small datasets live in memory after one read.
+  if num_examples <= 200_000:  # Small datasets live in memory (encoded) after one read.
     data = data.cache()
   first_example = start_step * batch_size
   first_epoch, offset = divmod(first_example, num_examples)
@@ -116,11 +196,9 @@ def _shard_stream(builder: tfds.core.DatasetBuilder, split: str,
   stream = stream.enumerate(start=first_example)
 
   def preprocess(index, example):
-    image = _to_model_input(example['image'], input_config)
-    if kind != 'none':
-      image = _augment(image, tf.stack([tf.cast(shard_seed, tf.int64), index]), kind,
-                       input_config['image_size'])
-    return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+    seed = tf.stack([tf.cast(shard_seed, tf.int64), index])
+    return {'image': train_image(example['image'], seed, input_config),
+            'label': tf.cast(example['label'], tf.int32)}
 
   stream = stream.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return stream.batch(batch_size, drop_remainder=True)
@@ -131,9 +209,9 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split: str,
   """This process's share of `split`, batched, and the number of batches that
   every process must run (the largest share decides, so that the sharded
   evaluation step runs in lockstep across hosts)."""
-  data = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
+  data = encoded_examples(builder, tfds.split_for_jax_process(split))
   num_examples = int(data.cardinality())
-  data = data.map(lambda ex: {'image': _to_model_input(ex['image'], input_config),
+  data = data.map(lambda ex: {'image': eval_image(ex['image'], input_config),
                               'label': tf.cast(ex['label'], tf.int32)},
                   num_parallel_calls=tf.data.AUTOTUNE)
   if num_examples <= 50_000:

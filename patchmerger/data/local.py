@@ -7,7 +7,7 @@ splits), so training reads them through exactly the code path ImageNet uses.
 import gzip
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -101,14 +101,54 @@ HOW_TO_GET = {
     'digits': 'pip install scikit-learn, then run again',
     'imagenet2012': ('download ILSVRC2012_img_{train,val}.tar into DATA_DIR/downloads/manual, '
                      'then: tfds build imagenet2012 --data_dir=DATA_DIR'),
-    'imagenet21k': ('TFDS 4.9 has no ImageNet-21k builder: write the images as a TFDS '
-                    'dataset named imagenet21k (features image, label; split full) with '
-                    'tfds.dataset_builders.store_as_tfds_dataset into DATA_DIR'),
+    'imagenet21k': ('download the per-class tars (fall11 or winter21 release) into DIR, '
+                    'then: python -m patchmerger.data.prepare --dataset=imagenet21k '
+                    '--source=DIR --data_dir=DATA_DIR'),
 }
 
 
+def _prepare_folder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  """`folder:PATH`: PATH/<split>/<class>/*.{jpg,png} as a TFDS dataset, written to
+  the data dir on first use (delete DATA_DIR/folder_* to read a changed folder again)."""
+  from patchmerger.data import prepare
+  path = name.split(':', 1)[1]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'Image folder {path} does not exist.')
+  tfds_name = prepare.folder_dataset_name(path)
+  where = data_dir or tfds.core.constants.DATA_DIR
+  try:
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    if builder.is_prepared():
+      return builder
+  except tfds.core.registered.DatasetNotFoundError:
+    pass
+  small = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
+              for f in files) < 64 * 2 ** 20
+  report = prepare.prepare(name, where, workers=1 if small else 0)
+  for line in report.lines():
+    logging.info('%s', line)
+  return tfds.builder(tfds_name, data_dir=data_dir)
+
+
+def needs_manual_download(builder: tfds.core.DatasetBuilder) -> bool:
+  return bool(getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None))
+
+
+def check_num_classes(builder: tfds.core.DatasetBuilder, num_classes: int) -> None:
+  """Fails with one line when the dataset's label count is not `num_classes`."""
+  features = builder.info.features
+  label = features['label'] if 'label' in features.keys() else None
+  found = getattr(label, 'num_classes', None)
+  if found is not None and found != num_classes:
+    raise ValueError(f'Dataset {builder.name} has {found} classes but num_classes is '
+                     f'{num_classes}; set --config.num_classes={found}.')
+
+
 def ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
-  """The dataset's builder, preparing it offline where we can; else one clear error."""
+  """The dataset's builder, preparing it offline where we can (and letting TFDS
+  download the datasets that download by themselves); else one clear error."""
+  if name.startswith('folder:'):
+    return _prepare_folder(name, data_dir)
   where = data_dir or tfds.core.constants.DATA_DIR
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -125,6 +165,74 @@ def ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuil
     prepare, source_dir = LOCAL_SOURCES[name]
     if os.path.isdir(source_dir):
       return prepare(data_dir, source_dir)
+  elif not needs_manual_download(builder):  # e.g. cifar10: TFDS fetches it.
+    logging.info('Downloading and preparing TFDS %s in %s', name, where)
+    builder.download_and_prepare()
+    return builder
   how = HOW_TO_GET.get(name, f'tfds build {name} --data_dir={where}')
   raise DatasetNotPreparedError(
       f'Dataset {name!r} is not prepared in {where}. To get it: {how}.')
+
+
+class DataNotReady(ValueError):
+  """What is missing for a config's dataset (train.py --check_data)."""
+
+
+def _check_splits(builder: tfds.core.DatasetBuilder, splits: Sequence[str]) -> list[str]:
+  sizes = []
+  for split in splits:
+    try:
+      sizes.append(f'{split}: {builder.info.splits[split].num_examples:,} examples')
+    except (KeyError, ValueError, AssertionError) as e:
+      have = ', '.join(f'{n} ({i.num_examples:,})' for n, i in builder.info.splits.items())
+      raise DataNotReady(f'Dataset {builder.name} cannot give split {split!r} (it has '
+                         f'{have}): {e}') from None
+  return sizes
+
+
+def check_data(config: Any) -> str:
+  """One line saying that the config's dataset is ready (prepared, or prepared or
+  downloaded by itself on first use); raises DataNotReady saying what is missing."""
+  name, data_dir = config.dataset, config.data_dir
+  where = data_dir or tfds.core.constants.DATA_DIR
+  splits = (config.train_split, config.test_split)
+  if name.startswith('folder:'):
+    from patchmerger.data import prepare
+    path = name.split(':', 1)[1]
+    try:
+      _, sources = prepare.list_sources(name, None)
+    except FileNotFoundError as e:
+      raise DataNotReady(str(e)) from None
+    try:
+      builder = tfds.builder(prepare.folder_dataset_name(path), data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      builder = None
+    if builder is not None and builder.is_prepared():
+      check_num_classes(builder, config.num_classes)
+      return f'{name}: prepared as {builder.name} in {where} ({"; ".join(_check_splits(builder, splits))}).'
+    classes = {s.label for s in sources}
+    if len(classes) != config.num_classes:
+      raise DataNotReady(f'{path} has {len(classes)} classes but num_classes is '
+                         f'{config.num_classes}; set --config.num_classes={len(classes)}.')
+    found = {s.split for s in sources}
+    missing = [s for s in splits if s.split('[')[0] not in found]  # 'train[:90%]' -> train
+    if missing:
+      raise DataNotReady(f'{path} has no split folder for {", ".join(missing)} '
+                         f'(it has {", ".join(sorted(found))}).')
+    return f'{name}: {len(classes)} classes; prepared into {where} on first use.'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    if name in LOCAL_SOURCES and os.path.isdir(LOCAL_SOURCES[name][1]):
+      return f'{name}: prepared into {where} from {LOCAL_SOURCES[name][1]} on first use.'
+    raise DataNotReady(f'Dataset {name!r} is not prepared in {where}. To get it: '
+                       f'{HOW_TO_GET.get(name, "prepare it in TFDS format in DATA_DIR")}.') from None
+  if builder.is_prepared():
+    check_num_classes(builder, config.num_classes)
+    return f'{name}: prepared in {where} ({"; ".join(_check_splits(builder, splits))}).'
+  if name in LOCAL_SOURCES and os.path.isdir(LOCAL_SOURCES[name][1]):
+    return f'{name}: prepared into {where} from {LOCAL_SOURCES[name][1]} on first use.'
+  if name not in LOCAL_SOURCES and not needs_manual_download(builder):
+    return f'{name}: TFDS downloads and prepares it into {where} on first use (needs network).'
+  how = HOW_TO_GET.get(name, f'tfds build {name} --data_dir={where}')
+  raise DataNotReady(f'Dataset {name!r} is not prepared in {where}. To get it: {how}.')

@@ -16,7 +16,7 @@ from clu import parameter_overview, periodic_actions
 
 from patchmerger import flops, merge_pictures
 from patchmerger.checkpoints import export, loading
-from patchmerger.data import input_pipeline
+from patchmerger.data import input_pipeline, local
 from patchmerger.models import build_model
 from patchmerger.training import (checkpoint, config_checks, evaluators, metrics, sharding,
                                   state as state_lib, step, utilisation)
@@ -220,6 +220,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   model, mesh, image_shape, state, state_sharding = _setup(config)
   data_sharding = sharding.batch_sharding(mesh)
   builder = builder or tfds.builder(config.dataset, data_dir=config.data_dir)
+  local.check_num_classes(builder, config.num_classes)
   local_batch = config.batch_size // jax.process_count()
   dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
 
