@@ -287,6 +287,8 @@ def markdown(rows: list[dict], columns: Sequence[str] = COLUMNS) -> str:
   def cell(value):
     if value is None:
       return '-'
+    if isinstance(value, bool):
+      return str(value)
     if isinstance(value, float):
       return f'{value:.3g}' if abs(value) < 1000 else f'{value:,.0f}'
     return f'{value:,}' if isinstance(value, int) else str(value)

@@ -42,7 +42,7 @@ def test_throughput_benchmark_runs_and_computes_ratios_from_its_measurements(tmp
     assert row['speedup_infer'] == row['infer_img_s'] / base['infer_img_s']
     assert row['flops_ratio'] == base['gflops'] / row['gflops']
   assert rows[0]['flops_ratio'] == 1.0 and rows[2]['flops_ratio'] > 1.0
-  assert f'| Ti/8 | 2@1/4 | {plain_best["batch_size"]} | bfloat16 |' in stdout
+  assert f'| Ti/8 | 2@1/4 | auto | False | none | {plain_best["batch_size"]} | bfloat16 |' in stdout
   assert 'At the best batch size of each model' in out_md.read_text()
   # Saved rows give the same tables again.
   assert out_md.read_text().strip() in _run(f'--report={out_json}')

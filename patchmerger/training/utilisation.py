@@ -53,8 +53,8 @@ def measured_peak_tflops(size: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_tflops(device: Optional[jax.Device] = None) -> tuple[float, str]:
-  """(peak TFLOP/s per device, where it comes from) of `device` (default: the first)."""
-  device = device or jax.devices()[0]
+  """(peak TFLOP/s per device, where it comes from) of `device` (default: the first local one)."""
+  device = device or jax.local_devices()[0]
   peak = table_peak_tflops(device.device_kind)
   if peak is not None:
     return peak, f'table: {device.device_kind} dense bf16'
@@ -112,8 +112,11 @@ def utilisation(flops_per_step: float, steps: int, seconds: float, peak: float,
 
 def device_summary() -> str:
   """One line: backend, device kind and count, memory per device where known."""
-  device = jax.devices()[0]
-  stats = device.memory_stats() or {}
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  Some backends do not report it.
+    stats = {}
   limit = stats.get('bytes_limit')
   memory = f', {limit / 2 ** 30:.1f} GiB per device' if limit else ''
   return (f'{jax.default_backend()}: {jax.device_count()} x {device.device_kind} '
