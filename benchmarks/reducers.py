@@ -33,7 +33,6 @@ from patchmerger import flops
 from patchmerger.models import build_model, tome
 
 _VARIANT = flags.DEFINE_string('variant', 'B/16', 'NAME/PATCH, or fmnist.')
-_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['8', '64'], 'Batch sizes to time.')
 _REDUCERS = flags.DEFINE_list('reducers', ['none', 'patchmerger', 'tokenlearner', 'pool', 'tome'],
                               'Rows: reducer kinds (none is the plain model).')
 _MERGER = flags.DEFINE_string('merger', '8@1/2', 'M@FRACTION slot of patchmerger, '
@@ -42,7 +41,6 @@ _TOME_R = flags.DEFINE_integer('tome_r', -1, 'ToMe merges per block; -1: search 
                                'FLOPs match the PatchMerger row (or --tome_flops_ratio).')
 _TOME_RATIO = flags.DEFINE_float('tome_flops_ratio', None, 'Target plain/ToMe FLOPs ratio of '
                                  'the r search; default: that of the --merger PatchMerger.')
-_MARKDOWN = flags.DEFINE_string('markdown', None, 'Write the Markdown table here.')
 
 COLUMNS = ('variant', 'batch_size', 'reducer', 'merger', 'tome_r', 'gflops', 'flops_ratio',
            'infer_img_s', 'speedup_infer', 'speedup_per_flops', 'train_img_s', 'speedup_train',
@@ -127,7 +125,7 @@ def main(argv):
   variant, merger = _VARIANT.value, _MERGER.value
   repeats, calls, train = throughput._REPEATS.value, throughput._CALLS.value, throughput._TRAIN.value
   print(f'JAX {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, '
-        f'{variant}, batch sizes {_BATCH_SIZES.value}', flush=True)
+        f'{variant}, batch sizes {throughput._BATCHES.value}', flush=True)
   tome_r = _TOME_R.value
   if 'tome' in _REDUCERS.value and tome_r < 0:
     plain_gflops = _gflops(variant, 'none', {'kind': 'none'})
@@ -136,7 +134,7 @@ def main(argv):
     print(f'  ToMe r = {tome_r}: {tome_gflops:.4g} GFLOPs/image, FLOPs ratio '
           f'{plain_gflops / tome_gflops:.3f} (target {ratio:.3f})', flush=True)
   rows = []
-  for batch in map(int, _BATCH_SIZES.value):
+  for batch in map(int, throughput._BATCHES.value):
     for kind in _REDUCERS.value:
       slot = merger if kind in ('patchmerger', 'tokenlearner', 'pool') else 'none'
       reducer = {'kind': kind, 'r': max(tome_r, 0)}
@@ -152,8 +150,8 @@ def main(argv):
   if throughput._JSON.value:
     with open(throughput._JSON.value, 'w') as f:
       json.dump(rows, f, indent=2)
-  if _MARKDOWN.value:
-    with open(_MARKDOWN.value, 'w') as f:
+  if throughput._MARKDOWN.value:
+    with open(throughput._MARKDOWN.value, 'w') as f:
       f.write(table + '\n')
 
 

@@ -89,4 +89,7 @@ def model_config(variant: str, merger: str, reducer: str = 'patchmerger',
       attention_dropout_rate=0.0,
       merge_normalized=True,
       dtype='float32',                           # compute dtype; params stay f32
+      attention='auto',                          # xla | cudnn | auto (cuDNN where it can)
+      scan=False,                                # one nn.scan per run of blocks
+      remat_policy='none',                       # none | full | a jax.checkpoint_policies name
   ) | fields)

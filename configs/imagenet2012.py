@@ -33,7 +33,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
                                        # keep the data order when the host count changes
 
   config.model = common.model_config(arg.variant, arg.merger, arg.reducer, classifier='gap',
-                                     posemb='sincos2d')
+                                     posemb='sincos2d',
+                                     dtype='bfloat16')  # bf16 compute, f32 params
 
   config.batch_size = 1024
   config.total_steps = int(arg.epochs * 1_268_355 / 1024)
@@ -42,7 +43,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.skip_nonfinite_updates = 0    # 0: stop at NaN/Inf; N: skip <= N bad updates in a row
   config.optim = ml_collections.ConfigDict(dict(
-      name='adamw', b1=0.9, b2=0.999, weight_decay=0.0001, clip_norm=1.0))
+      name='adamw', b1=0.9, b2=0.999, weight_decay=0.0001, clip_norm=1.0,
+      mu_dtype=config_dict.placeholder(str)))  # Adam's first moment: None (f32) | bfloat16
   config.lr = ml_collections.ConfigDict(dict(
       base=1e-3, warmup_steps=10_000, decay='cosine', end_value=0.0))
 
@@ -53,5 +55,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1,                 # device axes; -1: all remaining devices
       fsdp_min_size=2 ** 12))          # smaller arrays stay replicated under fsdp
-  config.distributed = True
+  config.distributed = 'auto'          # True | False | auto: only when a cluster is detected
   return config

@@ -55,7 +55,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       data_threads=0,                  # 0: tf.data autotunes its threads
       num_shards=0))                   # data shards (0: one per process)
 
-  config.model = common.model_config(arg.variant, arg.merger, classifier='token')
+  config.model = common.model_config(arg.variant, arg.merger, classifier='token',
+                                     dtype='bfloat16')  # bf16 compute, f32 params
 
   config.batch_size = 512
   config.total_steps = arg.steps or steps
@@ -65,7 +66,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.skip_nonfinite_updates = 0
   config.optim = ml_collections.ConfigDict(dict(
       name='sgd', b1=0.9,              # b1: the momentum
-      b2=0.999, weight_decay=0.0, clip_norm=1.0))
+      b2=0.999, weight_decay=0.0, clip_norm=1.0,
+      mu_dtype=config_dict.placeholder(str)))  # Adam's first moment: None (f32) | bfloat16
   config.lr = ml_collections.ConfigDict(dict(
       base=lr, warmup_steps=min(warmup, config.total_steps // 2), decay='cosine',
       end_value=0.0))
@@ -75,5 +77,5 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 12))
-  config.distributed = False           # True (or a cluster environment): several hosts
+  config.distributed = 'auto'          # True | False | auto: only when a cluster is detected
   return config

@@ -2,7 +2,7 @@
 import logging as std_logging
 import re
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Union
 
 from absl import flags
 
@@ -19,7 +19,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes ($JAX_NU
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process ($JAX_PROCESS_ID).')
 
 
-def initialize_distributed(requested: bool) -> None:
+def initialize_distributed(requested: Union[bool, str]) -> None:
   """jax.distributed from the cluster flags, the environment or config.distributed."""
   from patchmerger.training import sharding
   sharding.maybe_initialize_distributed(requested, _COORDINATOR.value, _NUM_PROCESSES.value,

@@ -135,3 +135,34 @@ def test_evaluate_checkpoint_reproduces_final_test_metrics(tmp_path):
   assert results['step'] == 3 and results['test/examples'] == tiny.MOCK_EXAMPLES
   assert results['test/accuracy'] == summary['test/accuracy']
   assert abs(results['test/loss'] - summary['test/loss']) < 1e-6
+
+
+@pytest.mark.slow
+def test_train_py_with_bf16_scan_and_remat_logs_utilisation(tmp_path):
+  from patchmerger.data import local
+  from tests.test_data import write_fashion_source
+  source, data_dir, workdir = tmp_path / 'idx', tmp_path / 'tfds', tmp_path / 'run'
+  source.mkdir()
+  write_fashion_source(source, {'train': 64, 'test': 32}, seed=1, random_labels=True)
+  local.prepare_fashion_mnist(str(data_dir), str(source))
+  result = subprocess.run(
+      [sys.executable, 'train.py', '--config=configs/fashion_mnist.py:merger=4@2,steps=20',
+       '--config.model.width=16', '--config.model.depth=4', '--config.model.mlp_dim=32',
+       '--config.model.num_heads=2', '--config.batch_size=16', '--config.log_every=5',
+       '--config.eval_every=20', '--config.checkpoint_every=20', '--config.input.shuffle_buffer=64',
+       '--config.model.dtype=bfloat16', '--config.model.scan=True',
+       '--config.model.remat_policy=full', '--config.optim.mu_dtype=bfloat16',
+       f'--config.data_dir={data_dir}', f'--workdir={workdir}'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'JAX IS RUNNING ON CPU: model.dtype=bfloat16' in result.stderr  # The loud warning.
+  assert 'Devices: cpu: 1 x cpu' in result.stderr
+  records = [r for r in metrics.read_metrics(str(workdir)) if 'train/mfu' in r]
+  assert [r['step'] for r in records] == [5, 10, 15, 20]
+  for record in records:
+    assert 0 < record['train/mfu'] < 1 and record['train/tflops_per_device'] > 0
+    assert 0 <= record['train/input_wait_fraction'] < 1 and np.isfinite(record['train/loss'])
+  # The checkpoint holds the scanned layout: two runs of blocks around the merger.
+  from patchmerger.checkpoints import layouts, loading
+  assert layouts.scanned_runs(loading.load_orbax_params(str(workdir))) == {0: 2, 2: 2}

@@ -22,19 +22,24 @@ def _write_npz(flat: Mapping[str, np.ndarray], path: str) -> None:
     np.savez(f, **flat)
 
 
+def _canonical(params: Any) -> dict[str, np.ndarray]:
+  """Flat parameters with the blocks of a scanned model unstacked."""
+  return layouts.unstack_runs(loading.flatten(params))
+
+
 def export_npz(params: Any, path: str) -> None:
   """`params` (a tree or a flat dict) in the vision_transformer `.npz` layout."""
-  _write_npz(loading.flatten(params), path)
+  _write_npz(_canonical(params), path)
 
 
 def export_big_vision(params: Any, path: str) -> None:
   """`params` in big_vision's stacked `.npz` layout."""
-  _write_npz(layouts.to_big_vision(loading.flatten(params)), path)
+  _write_npz(layouts.to_big_vision(_canonical(params)), path)
 
 
 def transformers_model(params: Any):
   """A `ViTForImageClassification` (eval mode) holding exactly `params`."""
-  flat = loading.flatten(params)
+  flat = _canonical(params)
   refusal = layouts.transformers_refusal(flat)
   if refusal:
     raise ValueError(f'Cannot export to transformers: {refusal}')

@@ -16,6 +16,10 @@ big_vision differs in five independent ways, each detected and undone separately
   for the class token gives the same logits;
 - a MAP head stored inline at the top level (`probe`, `MultiHeadDotProductAttention_0`, ...).
 
+Our scanned models (`model.scan=True`) stack each run of blocks between reducers along a
+leading axis under `Transformer/encoderblocks_START/` (blocks START, START+1, ...);
+`unstack_runs` and `stack_runs` convert, so any checkpoint loads into either model.
+
 The `transformers` layout (Hugging Face `ViTForImageClassification`) is export-only.
 All functions work on flat dicts {'a/b/c': np.ndarray}.
 """
@@ -37,6 +41,8 @@ GLOBAL_TO_PER_TYPE = {'LayerNorm_0': 'LayerNorm_0', 'MultiHeadDotProductAttentio
 PER_TYPE_TO_GLOBAL = {v: k for k, v in GLOBAL_TO_PER_TYPE.items()}
 MAP_HEAD_PARTS = ('probe', 'MultiHeadDotProductAttention_0', 'LayerNorm_0', 'MlpBlock_0')
 _BLOCK_KEY = re.compile(r'^Transformer/encoderblock_(\d+)/([^/]+)/(.*)$')
+RUN = 'Transformer/encoderblocks_{}/'
+_RUN_KEY = re.compile(r'^Transformer/encoderblocks_(\d+)/')
 
 
 class LayoutError(ValueError):
@@ -51,6 +57,7 @@ class Layout:
   stacked_blocks: bool = False
   top_level_posemb: bool = False
   inline_map_head: bool = False
+  scanned_runs: bool = False
 
   @property
   def name(self) -> str:
@@ -64,7 +71,8 @@ class Layout:
         (self.per_type_numbering, 'Linen per-type names'),
         (self.top_level_posemb, 'position embedding without class-token row'),
         (self.inline_map_head, 'inline MAP head'),
-        (self.params_prefix, 'params/ prefix')) if flag]
+        (self.params_prefix, 'params/ prefix'),
+        (self.scanned_runs, 'scanned runs of blocks')) if flag]
     return f'{self.name} ({", ".join(details)})' if details else self.name
 
 
@@ -82,7 +90,8 @@ def detect(flat: Mapping[str, np.ndarray]) -> Layout:
                                              'MlpBlock_0'}),
       stacked_blocks=any(k.startswith(STACKED) for k in keys),
       top_level_posemb='pos_embedding' in keys or 'Transformer/pos_embedding' in keys,
-      inline_map_head='probe' in keys)
+      inline_map_head='probe' in keys,
+      scanned_runs=any(map(_RUN_KEY.match, keys)))
 
 
 def _has_class_token_row(num_tokens: int) -> bool:
@@ -116,6 +125,32 @@ def stack_blocks(flat: Mapping[str, np.ndarray], indices, prefix: str = STACKED,
   return out
 
 
+def scanned_runs(flat: Mapping[str, np.ndarray]) -> dict[int, int]:
+  """{first block: number of blocks} of the scanned runs in `flat` (ours, scan=True)."""
+  runs = {}
+  for key, value in flat.items():
+    match = _RUN_KEY.match(key)
+    if match:
+      runs[int(match.group(1))] = int(np.shape(value)[0])
+  return dict(sorted(runs.items()))
+
+
+def unstack_runs(flat: Mapping[str, np.ndarray]) -> Flat:
+  """Scanned runs -> one `encoderblock_N` per block; other keys unchanged."""
+  flat = dict(flat)
+  for start in scanned_runs(flat):
+    flat = unstack_blocks(flat, prefix=RUN.format(start), first=start)
+  return flat
+
+
+def stack_runs(flat: Mapping[str, np.ndarray], runs: Mapping[int, int]) -> Flat:
+  """`encoderblock_N` blocks -> the scanned runs {first block: number of blocks}."""
+  flat = dict(flat)
+  for start, length in runs.items():
+    flat = stack_blocks(flat, list(range(start, start + length)), prefix=RUN.format(start))
+  return flat
+
+
 def num_blocks(flat: Mapping[str, np.ndarray]) -> int:
   return len({m.group(1) for m in map(_BLOCK_KEY.match, flat) if m})
 
@@ -138,6 +173,8 @@ def to_canonical(flat: Mapping[str, np.ndarray]) -> tuple[Flat, Layout]:
   flat = dict(flat)
   if layout.stacked_blocks:
     flat = unstack_blocks(flat)
+  if layout.scanned_runs:
+    flat = unstack_runs(flat)
   if layout.per_type_numbering:
     flat = _renumber_blocks(flat, PER_TYPE_TO_GLOBAL)
   if layout.inline_map_head:

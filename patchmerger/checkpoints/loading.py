@@ -97,7 +97,7 @@ def load(source: str) -> tuple[Flat, layouts.Layout]:
   check_source(source)
   if epath.Path(source).is_file():
     return layouts.to_canonical(load_npz(source))
-  return load_orbax_params(source), layouts.Layout()
+  return layouts.to_canonical(load_orbax_params(source))  # Scanned runs are unstacked.
 
 
 def resize_posemb(posemb: np.ndarray, num_tokens: int, has_cls: bool) -> np.ndarray:
@@ -148,6 +148,8 @@ def adapt(loaded: Flat, init_params: Any, has_cls: bool, dont_load: Sequence[str
   `strict=False`; a shape that cannot be adapted is always refused.
   """
   target = flatten(init_params)
+  runs = layouts.scanned_runs(target)  # A scanned model is fitted block by block.
+  target = layouts.unstack_runs(target)
   skipped = {k for k in target if any(re.fullmatch(p, k) for p in dont_load)}
   report = Report(layout=layout, dropped=sorted(set(loaded) - set(target)))
   out = {}
@@ -182,4 +184,4 @@ def adapt(loaded: Flat, init_params: Any, has_cls: bool, dont_load: Sequence[str
         f'Pretrained weights ({layout}) would leave {len(report.missing)} of {len(target)} model '
         f'parameters at their initialisation ({names}). List them in init_dont_load, or set '
         'init_strict=False to allow it.')
-  return unflatten(out), report
+  return unflatten(layouts.stack_runs(out, runs)), report

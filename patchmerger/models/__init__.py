@@ -1,9 +1,10 @@
 """Models: the ViT, its token reducers (PatchMerger, TokenLearner, pooling, ToMe)."""
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import jax
 import jax.numpy as jnp
 
-from patchmerger.models import reducers, tome
+from patchmerger.models import attention as attention_lib, reducers, tome
 from patchmerger.models.patch_merger import PatchMerger
 from patchmerger.models.vit import VisionTransformer, parse_variant
 
@@ -51,8 +52,15 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
              if kind in reducers.BETWEEN_BLOCKS else ())
   tome_r = (tome.schedule(reducer.get('r', 0), reducer.get('start_block', 0), arch['depth'])
             if kind == 'tome' else ())
+  attention = model_config.get('attention', 'auto')
+  if attention == 'cudnn' and not attention_lib.cudnn_supports(DTYPES[dtype], 8):
+    raise ValueError(f"model.attention='cudnn' needs a GPU and model.dtype bfloat16 or "
+                     f"float16 (here: {jax.default_backend()}, {dtype}); use 'auto' or 'xla'.")
   return VisionTransformer(
       num_classes=num_classes,
+      attention=attention,
+      scan=bool(model_config.get('scan', False)),
+      remat_policy=model_config.get('remat_policy', 'none'),
       mergers=mergers,
       reducer=kind,
       tome_r=tome_r,

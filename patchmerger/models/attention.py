@@ -16,6 +16,32 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
+
+
+def cudnn_supports(dtype: Any, head_dim: int, has_bias: bool = False,
+                   backend: Optional[str] = None) -> bool:
+  """Whether cuDNN's fused attention takes these inputs: a GPU, bfloat16 or float16,
+  a head size that is a multiple of 8 up to 128 (256 on Hopper; 128 is safe), and,
+  for `auto`, no logit bias (with a bias, cuDNN's backward pass needs even token
+  counts, which a class token makes odd)."""
+  backend = backend or jax.default_backend()
+  return (backend in ('gpu', 'cuda') and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128 and not has_bias)
+
+
+def choose_implementation(requested: Optional[str], dtype: Any, head_dim: int,
+                          has_bias: bool = False, backend: Optional[str] = None) -> str:
+  """The `jax.nn.dot_product_attention` implementation for `requested`."""
+  if requested in (None, 'xla'):
+    return 'xla'
+  if requested == 'cudnn':
+    return 'cudnn'
+  if requested == 'auto':
+    return 'cudnn' if cudnn_supports(dtype, head_dim, has_bias, backend) else 'xla'
+  raise ValueError(f'model.attention must be one of {IMPLEMENTATIONS}, got {requested!r}')
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention over [batch, tokens, D].
 
@@ -23,7 +49,8 @@ class MultiHeadAttention(nn.Module):
     num_heads: number of heads; D must divide by it.
     dtype: compute dtype.
     dropout_rate: dropout on the attention weights (training only).
-    implementation: passed to `jax.nn.dot_product_attention` (None or 'xla').
+    implementation: 'xla', 'cudnn' (the fused flash-attention kernel of a GPU) or
+      'auto' (cuDNN where `choose_implementation` allows it, XLA otherwise); None: 'xla'.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -44,15 +71,18 @@ class MultiHeadAttention(nn.Module):
     query, key, value = (project(name=name)(x) for name in ('query', 'key', 'value'))
     if bias is not None:
       bias = bias.astype(query.dtype)
+    implementation = choose_implementation(self.implementation, query.dtype,
+                                           query.shape[-1], bias is not None)
     if self.dropout_rate > 0. and not deterministic:
       # jax.nn.dot_product_attention has no dropout; flax's reference path does.
       y = nn.dot_product_attention(
           query, key, value, bias=bias, dropout_rng=self.make_rng('dropout'),
           dropout_rate=self.dropout_rate, broadcast_dropout=False, deterministic=False,
-          dtype=self.dtype)
+          dtype=self.dtype, force_fp32_for_softmax=True)
     else:
+      # Softmax in float32 either way (XLA's path casts the logits; cuDNN's kernel).
       y = jax.nn.dot_product_attention(query, key, value, bias=bias,
-                                       implementation=self.implementation)
+                                       implementation=implementation)
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
                         kernel_init=nn.initializers.xavier_uniform(), name='out')(y)
     return (y, key) if return_keys else y

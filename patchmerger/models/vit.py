@@ -12,11 +12,12 @@ parameters (patchmerger/models/reducers.py).
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from patchmerger.models import reducers, tome
-from patchmerger.models.attention import MultiHeadAttention
+from patchmerger.models.attention import IMPLEMENTATIONS, MultiHeadAttention
 
 Dtype = Any
 
@@ -113,13 +114,14 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.
   dtype: Dtype = jnp.float32
   merge: Optional[tome.BipartiteMerge] = None
+  attention: str = 'auto'                  # xla | cudnn | auto (attention.py)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool,
                sizes: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, Optional[jnp.ndarray]]:
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     y, keys = MultiHeadAttention(
-        self.num_heads, self.dtype, self.attention_dropout_rate,
+        self.num_heads, self.dtype, self.attention_dropout_rate, self.attention,
         name='MultiHeadDotProductAttention_1')(
             y, tome.proportional_bias(sizes), deterministic, return_keys=True)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic)
@@ -131,9 +133,37 @@ class Encoder1DBlock(nn.Module):
     return x + y, sizes
 
 
+# Rematerialisation policies of model.remat_policy besides 'none' and 'full' (save
+# nothing): jax.checkpoint_policies that take no arguments.
+REMAT_POLICIES = ('nothing_saveable', 'everything_saveable', 'dots_saveable',
+                  'checkpoint_dots', 'dots_with_no_batch_dims_saveable',
+                  'checkpoint_dots_with_no_batch_dims')
+
+
+def check_remat_policy(name: str) -> str:
+  if name not in ('none', 'full') + REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy must be 'none', 'full' or one of {REMAT_POLICIES}, "
+                     f'got {name!r}')
+  return name
+
+
+def block_runs(depth: int, reducer_blocks: Sequence[int]) -> list[tuple[int, int]]:
+  """[start, stop) runs of consecutive blocks between reducers: before the first,
+  between two, after the last (a reducer before block 0 starts the first run)."""
+  bounds = sorted({0, depth} | {b for b in reducer_blocks if 0 < b < depth})
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
 class Encoder(nn.Module):
   """Position embedding, encoder blocks with reducers between or inside them,
-  final norm. Returns (tokens, sizes); sizes is None unless ToMe merged."""
+  final norm. Returns (tokens, sizes); sizes is None unless ToMe merged.
+
+  With `scan`, each run of blocks between reducers is one `nn.scan` whose
+  parameters are stacked along a leading axis under `encoderblocks_START`
+  (checkpoints/layouts.py converts to and from `encoderblock_N`); it compiles
+  once per run instead of once per block. `remat_policy` rematerialises each
+  block in the backward pass ('full': keeps only its input).
+  """
   depth: int
   mlp_dim: int
   num_heads: int
@@ -147,6 +177,19 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   reducer: str = 'patchmerger'             # The kind in the `mergers` slots.
   tome_r: Sequence[int] = ()               # ToMe merges per block; () for none.
+  attention: str = 'auto'
+  scan: bool = False
+  remat_policy: str = 'none'
+
+  def _block_type(self) -> Any:
+    if self.remat_policy == 'none':
+      return Encoder1DBlock
+    policy = (None if self.remat_policy == 'full'
+              else getattr(jax.checkpoint_policies, self.remat_policy))
+    # `deterministic` (argument 2, after self and x) is a Python bool. Under scan,
+    # XLA cannot merge the recomputation away, so CSE prevention is not needed.
+    return nn.remat(Encoder1DBlock, policy=policy, prevent_cse=not self.scan,
+                    static_argnums=(2,))
 
   @nn.compact
   def __call__(self, x: jnp.ndarray,
@@ -156,21 +199,30 @@ class Encoder(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic)
     merger_tokens = dict(self.mergers)
     grid, sizes = tuple(self.grid), None
-    for i in range(self.depth):
-      if i in merger_tokens:
-        reduce = reducers.between_blocks(self.reducer, merger_tokens[i], grid,
+    block = self._block_type()
+    fields = (self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
+              self.dtype)
+    for start, stop in block_runs(self.depth, list(merger_tokens)):
+      if start in merger_tokens:
+        reduce = reducers.between_blocks(self.reducer, merger_tokens[start], grid,
                                          self.merge_normalized, self.dtype,
-                                         name=f'{self.reducer}_{i}')
-        grid = reducers.grid_after(self.reducer, merger_tokens[i], grid)
+                                         name=f'{self.reducer}_{start}')
+        grid = reducers.grid_after(self.reducer, merger_tokens[start], grid)
         if self.has_cls_token:  # The class token is carried past the reducer.
           x = jnp.concatenate([x[:, :1], reduce(x[:, 1:])], axis=1)
         else:
           x = reduce(x)
-      r = self.tome_r[i] if self.tome_r else 0
-      x, sizes = Encoder1DBlock(
-          self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-          self.dtype, tome.BipartiteMerge(r, self.has_cls_token) if r else None,
-          name=f'encoderblock_{i}')(x, deterministic, sizes)
+      if self.scan:  # Tokens are the carry; `deterministic` and `sizes` (None) broadcast.
+        run = nn.scan(block, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=stop - start)
+        x, _ = run(*fields, None, self.attention, name=f'encoderblocks_{start}')(
+            x, deterministic, sizes)
+        continue
+      for i in range(start, stop):
+        r = self.tome_r[i] if self.tome_r else 0
+        x, sizes = block(*fields, tome.BipartiteMerge(r, self.has_cls_token) if r else None,
+                         self.attention, name=f'encoderblock_{i}')(x, deterministic, sizes)
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x), sizes
 
 
@@ -222,6 +274,9 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   reducer: str = 'patchmerger'
   tome_r: Sequence[int] = ()
+  attention: str = 'auto'                  # xla | cudnn | auto
+  scan: bool = False                       # one nn.scan per run of blocks between reducers
+  remat_policy: str = 'none'               # none | full | REMAT_POLICIES
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
@@ -248,6 +303,13 @@ class VisionTransformer(nn.Module):
     if self.tome_r and (len(self.tome_r) != self.depth or self.reducer != 'tome'):
       raise ValueError(f'tome_r needs reducer "tome" and one entry per block '
                        f'({self.depth}); got {self.reducer!r} with {self.tome_r}.')
+    if self.attention not in IMPLEMENTATIONS:
+      raise ValueError(f'model.attention must be one of {IMPLEMENTATIONS}, '
+                       f'got {self.attention!r}')
+    check_remat_policy(self.remat_policy)
+    if self.scan and any(self.tome_r):
+      raise ValueError('model.scan needs blocks of equal token counts; ToMe changes them '
+                       'in every block: use scan=False with ToMe.')
     super().__post_init__()
 
   @nn.compact
@@ -279,8 +341,8 @@ class VisionTransformer(nn.Module):
     x, sizes = Encoder(self.depth, self.mlp_dim, self.num_heads, tuple(self.mergers),
                        self.posemb, (gh, gw), has_cls, self.dropout_rate,
                        self.attention_dropout_rate, self.merge_normalized, self.dtype,
-                       self.reducer, tuple(self.tome_r),
-                       name='Transformer')(x, deterministic=not train)
+                       self.reducer, tuple(self.tome_r), self.attention, self.scan,
+                       self.remat_policy, name='Transformer')(x, deterministic=not train)
 
     if self.classifier == 'token':
       x = x[:, 0]

@@ -19,7 +19,7 @@ from patchmerger.checkpoints import export, loading
 from patchmerger.data import input_pipeline, local
 from patchmerger.models import build_model
 from patchmerger.training import (checkpoint, config_checks, evaluators, metrics, sharding,
-                                  state as state_lib, step)
+                                  state as state_lib, step, utilisation)
 
 
 def _check_config(config: Any) -> None:
@@ -215,6 +215,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   logging.info('JAX %s on %s: %d devices (%d local), process %d of %d', jax.__version__,
                jax.default_backend(), jax.device_count(), jax.local_device_count(),
                jax.process_index(), jax.process_count())
+  peak_tflops = utilisation.log_start(config)
 
   model, mesh, image_shape, state, state_sharding = _setup(config)
   data_sharding = sharding.batch_sharding(mesh)
@@ -257,6 +258,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   logging.info('Model: %s params (%d in mergers, %.3f%%), %.4f GFLOPs/image, mergers %s',
                f'{counts["total"]:,}', counts['merger'],
                100 * counts['merger'] / counts['total'], gflops, model.mergers)
+  step_flops = utilisation.train_step_flops(model, config, image_shape)
 
   train_fn = jax.jit(
       functools.partial(step.train_step, loss=config.loss,
@@ -265,8 +267,8 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
                     in_shardings=(state_sharding.params, data_sharding))
-  train_iter = input_pipeline.train_batches(builder, config.train_split, config.input,
-                                            config.batch_size, config.seed, start_step)
+  train_iter = utilisation.InputTimer(input_pipeline.train_batches(
+      builder, config.train_split, config.input, config.batch_size, config.seed, start_step))
   eval_data = input_pipeline.eval_dataset(builder, config.test_split, config.input, local_batch)
 
   schedule = state_lib.learning_rate_schedule(config.lr, config.total_steps)
@@ -297,7 +299,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
       pending.append(step_metrics)
       if timer_start is None:  # Leave compilation out of the speed.
         jax.block_until_ready(state)
-        timer_start = time.perf_counter()
+        timer_start, train_iter.waited = time.perf_counter(), 0.0
       else:
         timed_steps += 1
       progress(step_index)
@@ -316,6 +318,8 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
         means['train/lr'] = float(schedule(step_index - 1))
         elapsed = time.perf_counter() - timer_start - excluded
         means['train/images_per_sec'] = timed_steps * config.batch_size / max(elapsed, 1e-9)
+        means.update(utilisation.utilisation(step_flops, timed_steps, elapsed, peak_tflops,
+                                             train_iter.waited))
         writer.write_scalars(step_index, means)
         summary.update(means)
       t0 = time.perf_counter()  # Evaluation and checkpoints are not training time.

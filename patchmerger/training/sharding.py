@@ -6,7 +6,7 @@ Batches are split over both axes; parameters are sharded over 'fsdp' only.
 """
 import logging
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 import jax
 import numpy as np
@@ -15,18 +15,70 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ('data', 'fsdp')
 
 
-def maybe_initialize_distributed(requested: bool, coordinator_address: Optional[str] = None,
+# jax's cluster environments that `distributed='auto'` trusts: schedulers and
+# TPU pods. Kubernetes (any pod looks like a cluster) and mpi4py (opt-in) need
+# distributed=True.
+AUTO_CLUSTERS = ('SlurmCluster', 'OmpiCluster', 'GceTpuCluster', 'GkeTpuCluster')
+
+
+def detected_cluster(coordinator_address: Optional[str] = None) -> Optional[str]:
+  """The name of the multi-process cluster this process runs in, or None.
+
+  A coordinator address (flag or $JAX_COORDINATOR_ADDRESS) names one; otherwise
+  jax's own detection (the one `jax.distributed.initialize()` uses) is asked for
+  SLURM, Open MPI and TPU pods. A job of one process (one SLURM task, a
+  single-host TPU VM) is no cluster: it runs on all local devices without
+  jax.distributed, which would otherwise pin it to one of them.
+  """
+  if coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    return 'coordinator address'
+  try:
+    from jax._src import clusters  # Private, hence guarded: jax's own detection.
+    environments = [env for env in clusters.ClusterEnv._cluster_types
+                    if env.__name__ in AUTO_CLUSTERS]
+  except (ImportError, AttributeError):
+    environments = []
+  for environment in environments:
+    try:
+      if not environment.is_env_present():
+        continue
+      processes = environment.get_process_count()
+    except Exception:  # pylint: disable=broad-except  Present but unreadable: let
+      processes = None  # jax.distributed.initialize() report it.
+    if processes is None or processes > 1:
+      return environment.__name__
+  return None
+
+
+def parse_distributed(value: Union[bool, str]) -> Union[bool, str]:
+  """True, False or 'auto' from a bool or a command-line string."""
+  text = str(value).strip().lower()
+  if text in ('true', '1', 'yes'):
+    return True
+  if text in ('false', '0', 'no'):
+    return False
+  if text == 'auto':
+    return 'auto'
+  raise ValueError(f"config.distributed must be True, False or 'auto', got {value!r}")
+
+
+def maybe_initialize_distributed(requested: Union[bool, str],
+                                 coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> None:
-  """Starts the multi-controller runtime when asked (config.distributed or a
-  coordinator address from flags or $JAX_COORDINATOR_ADDRESS).
+                                 process_id: Optional[int] = None) -> bool:
+  """Starts the multi-controller runtime when `requested` is True, or when it is
+  'auto' (the default) and a cluster is detected; a coordinator address from
+  flags or $JAX_COORDINATOR_ADDRESS counts as a request. False never starts it
+  unless a coordinator address is given. Returns whether it was started.
 
   Process count and id come from the arguments, $JAX_NUM_PROCESSES and
   $JAX_PROCESS_ID, or jax's own cluster detection (SLURM, Open MPI, TPU pods).
   """
+  requested = parse_distributed(requested)
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if not (requested or coordinator_address):
-    return
+  cluster = detected_cluster(coordinator_address) if requested == 'auto' else None
+  if not (requested is True or coordinator_address or cluster):
+    return False
   if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
     num_processes = int(os.environ['JAX_NUM_PROCESSES'])
   if process_id is None and os.environ.get('JAX_PROCESS_ID'):
@@ -39,10 +91,13 @@ def maybe_initialize_distributed(requested: bool, coordinator_address: Optional[
   except ValueError as e:  # Nothing described the cluster.
     raise RuntimeError(
         f'config.distributed=True but no cluster was found ({e}). On one host use '
-        '--config.distributed=False; on a cluster pass --coordinator_address, '
-        '--num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS, '
-        'JAX_NUM_PROCESSES and JAX_PROCESS_ID), or run under SLURM or on a TPU pod.') from None
-  logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+        "--config.distributed=auto (the default) or False; on a cluster pass "
+        '--coordinator_address, --num_processes and --process_id (or set '
+        'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID), or run under '
+        'SLURM or on a TPU pod.') from None
+  logging.info('jax.distributed (%s): process %d of %d', cluster or 'requested',
+               jax.process_index(), jax.process_count())
+  return True
 
 
 def make_mesh(mesh_config: Mapping[str, int]) -> Mesh:

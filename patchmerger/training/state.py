@@ -3,6 +3,7 @@ from typing import Any, Mapping
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
@@ -28,12 +29,20 @@ def decay_mask(params: Any) -> Any:
   return flax.traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
 
 
+# Dtypes of Adam's first moment; bfloat16 halves its memory (the second moment
+# and the parameters stay float32).
+MU_DTYPES = (None, 'float32', 'bfloat16')
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   optim = config.optim
   schedule = learning_rate_schedule(config.lr, config.total_steps)
+  mu_dtype = optim.get('mu_dtype')  # None: the parameters' float32.
+  if mu_dtype not in MU_DTYPES:
+    raise ValueError(f'optim.mu_dtype must be one of {MU_DTYPES}, got {mu_dtype!r}')
   if optim.name == 'adamw':
-    update = optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
-                         weight_decay=optim.weight_decay, mask=decay_mask)
+    update = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                         mask=decay_mask, mu_dtype=mu_dtype and jnp.dtype(mu_dtype))
   elif optim.name == 'sgd':
     update = optax.sgd(schedule, momentum=optim.b1)
   else:

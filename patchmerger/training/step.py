@@ -10,7 +10,9 @@ from patchmerger.training.state import TrainState
 
 def classification_loss(logits: jax.Array, labels: jax.Array, kind: str,
                         label_smoothing: float = 0.) -> jax.Array:
-  """Per-example loss for integer labels: softmax or sigmoid cross-entropy."""
+  """Per-example loss for integer labels: softmax or sigmoid cross-entropy, in
+  float32 whatever the model's compute dtype."""
+  logits = logits.astype(jnp.float32)
   num_classes = logits.shape[-1]
   targets = jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
