@@ -166,3 +166,19 @@ def test_train_py_with_bf16_scan_and_remat_logs_utilisation(tmp_path):
   # The checkpoint holds the scanned layout: two runs of blocks around the merger.
   from patchmerger.checkpoints import layouts, loading
   assert layouts.scanned_runs(loading.load_orbax_params(str(workdir))) == {0: 2, 2: 2}
+
+
+def test_device_prefetch_keeps_order_and_reads_ahead():
+  from patchmerger.training import sharding
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
+  pulled = []
+
+  def local_batches():
+    for i in range(5):
+      pulled.append(i)
+      yield {'x': np.full((2, 3), i, np.float32)}
+  batches = sharding.prefetch_to_device(local_batches(), sharding.batch_sharding(mesh), size=2)
+  first = next(batches)
+  assert pulled == [0, 1, 2]  # Two batches are on their way while the first is used.
+  assert isinstance(first['x'], jax.Array) and float(first['x'][0, 0]) == 0
+  assert [float(b['x'][0, 0]) for b in batches] == [1, 2, 3, 4]

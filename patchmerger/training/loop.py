@@ -267,8 +267,9 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
                     in_shardings=(state_sharding.params, data_sharding))
-  train_iter = utilisation.InputTimer(input_pipeline.train_batches(
-      builder, config.train_split, config.input, config.batch_size, config.seed, start_step))
+  train_iter = utilisation.InputTimer(sharding.prefetch_to_device(input_pipeline.train_batches(
+      builder, config.train_split, config.input, config.batch_size, config.seed, start_step),
+      data_sharding))
   eval_data = input_pipeline.eval_dataset(builder, config.test_split, config.input, local_batch)
 
   schedule = state_lib.learning_rate_schedule(config.lr, config.total_steps)
@@ -294,7 +295,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   timer_start, excluded, timed_steps = None, 0.0, 0
   with StopSignals(manager) as stop:
     for step_index in range(start_step + 1, config.total_steps + 1):
-      batch = sharding.global_batch(next(train_iter), data_sharding)
+      batch = next(train_iter)
       state, step_metrics = train_fn(state, batch, dropout_rng)
       pending.append(step_metrics)
       if timer_start is None:  # Leave compilation out of the speed.

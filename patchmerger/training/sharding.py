@@ -4,9 +4,10 @@ The mesh has two axes: 'data' (pure data parallelism) and 'fsdp' (data
 parallelism whose devices also split the parameters and optimizer state).
 Batches are split over both axes; parameters are sharded over 'fsdp' only.
 """
+import collections
 import logging
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import jax
 import numpy as np
@@ -158,3 +159,16 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding)
   """Per-process numpy batch -> globally sharded jax.Arrays."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local_batch.items()}
+
+
+def prefetch_to_device(local_batches: Iterator[Mapping[str, np.ndarray]],
+                       sharding: NamedSharding, size: int = 2) -> Iterator[dict]:
+  """Global batches, each started on its way to the devices `size` steps before the
+  step that uses it, so host-to-device copies overlap the running step."""
+  queue = collections.deque()
+  for local in local_batches:
+    queue.append(global_batch(local, sharding))  # Transfers are asynchronous.
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
