@@ -83,8 +83,18 @@ def test_input_pipeline_benchmark_prepares_and_reads_imagenet_sized_jpegs(tmp_pa
   assert 'training pipeline, 2 thread(s):' in result.stdout
 
 
+@pytest.fixture
+def default_flags():
+  """The benchmark's absl flags at their defaults, as its command line would leave them."""
+  from absl import flags
+  from benchmarks import reducers  # noqa: F401 (defines the flags)
+  flags.FLAGS(['benchmark'])
+  yield
+  flags.FLAGS.unparse_flags()
+
+
 @pytest.mark.slow  # About 10 compilations (30 s to 100 s on a shared 2-core CPU).
-def test_reducer_benchmark_finds_the_tome_r_nearest_a_flops_target():
+def test_reducer_benchmark_finds_the_tome_r_nearest_a_flops_target(default_flags):
   from benchmarks import reducers
   from patchmerger import flops
   from patchmerger.models import build_model
