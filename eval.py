@@ -64,7 +64,7 @@ def main(argv):
     if _EXPORT.value:
       print(f'Exported parameters: {_EXPORT.value}')
 
-  cli.run_reporting_errors(run)
+  cli.run_reporting_errors(run, read_only=True)
 
 
 if __name__ == '__main__':

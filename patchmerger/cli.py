@@ -1,5 +1,6 @@
 """Shared behaviour of the command-line entry points: one clear line per bad input."""
 import logging as std_logging
+import os
 import re
 import sys
 from typing import Callable, NoReturn, Union
@@ -55,8 +56,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 SIGNAL_EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130}
 
 
-def run_reporting_errors(fn: Callable[[], None]) -> None:
-  """Runs `fn`; a user error ends the program with one line and exit code 2."""
+def run_reporting_errors(fn: Callable[[], None], read_only: bool = False) -> None:
+  """Runs `fn`; a user error ends the program with one line and exit code 2.
+
+  `read_only` programs (eval.py) leave at once after that line: a checkpoint that failed
+  to restore can leave tensorstore/orbax threads whose asyncio callbacks print pages of
+  tracebacks during interpreter shutdown, and such a program has nothing to flush.
+  """
   from patchmerger.training.loop import Preempted
   try:
     fn()
@@ -65,6 +71,11 @@ def run_reporting_errors(fn: Callable[[], None]) -> None:
     sys.exit(SIGNAL_EXIT_CODES.get(e.signal_name, 143))
   except USER_ERRORS as e:
     message = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    if read_only:
+      sys.stderr.write(f'error: {message.splitlines()[0] if message else type(e).__name__}\n')
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(2)
     fail(f'{message.splitlines()[0] if message else type(e).__name__}')
 
 

@@ -50,4 +50,5 @@ if __name__ == '__main__':
   overrides = dict(arg.split('=', 1) for arg in args[1:])
   typed = {k: int(v) if v.lstrip('-').isdigit() else v for k, v in overrides.items()}
   from patchmerger import cli  # Errors and signals end the run as train.py's do.
-  cli.run_reporting_errors(lambda: action(args[0], tiny_config(**typed)))
+  cli.run_reporting_errors(lambda: action(args[0], tiny_config(**typed)),
+                           read_only=action is evaluate)

@@ -175,14 +175,17 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   else:
     run_dir = source or workdir
     manager = checkpoint.make_manager(run_dir, config.keep_checkpoints, read_only=True)
-    steps = manager.all_steps()
-    step_number = max(steps, default=None) if step_number is None else step_number
-    if step_number is None:
-      raise FileNotFoundError(f'No checkpoint in {checkpoint.checkpoint_dir(run_dir)}')
-    if step_number not in steps:
-      raise FileNotFoundError(f'No checkpoint at step {step_number} in '
-                              f'{checkpoint.checkpoint_dir(run_dir)}; steps: {sorted(steps)}.')
-    state = checkpoint.restore_step(manager, step_number, state)
+    try:  # Closed on every path: its background threads must not outlive an error.
+      steps = manager.all_steps()
+      step_number = max(steps, default=None) if step_number is None else step_number
+      if step_number is None:
+        raise FileNotFoundError(f'No checkpoint in {checkpoint.checkpoint_dir(run_dir)}')
+      if step_number not in steps:
+        raise FileNotFoundError(f'No checkpoint at step {step_number} in '
+                                f'{checkpoint.checkpoint_dir(run_dir)}; steps: {sorted(steps)}.')
+      state = checkpoint.restore_step(manager, step_number, state)
+    finally:
+      manager.close()
   data_sharding = sharding.batch_sharding(mesh)
   local_batch = config.batch_size // jax.process_count()
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=model.apply, loss=config.loss),
