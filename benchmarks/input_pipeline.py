@@ -9,7 +9,10 @@ folders; prepares them with patchmerger.data.prepare (one worker: images/s per
 core), then reads them through `input_pipeline.train_batches` as the ImageNet
 configs do (inception crop decoded from the JPEG, flip, 224px, shuffle buffer of
 encoded bytes) and prints training images/s with tf.data limited to 1 and to 2
-threads (--threads). Nothing else should run on the machine meanwhile.
+threads (--threads). It also times the floor under the pipeline: one core
+decoding the same JPEGs whole (`decode_jpeg`) and decoding only an inception-crop
+window (`decode_and_crop_jpeg`), nothing else. Nothing else should run on the
+machine meanwhile.
 """
 import io
 import json
@@ -68,6 +71,35 @@ def time_pipeline(builder, threads: int, seconds: float) -> dict:
   return dict(threads=threads, images=count, seconds=elapsed, images_per_sec=count / elapsed)
 
 
+def time_decode(source: str, seconds: float) -> dict:
+  """Images/s of one tf.data thread decoding the JPEGs under `source`: whole, and
+  only an inception-crop window, with no resize, batching or shuffle."""
+  import tensorflow as tf
+  from patchmerger.data import input_pipeline
+  files = sorted(os.path.join(d, f) for d, _, names in os.walk(source) for f in names)
+  encoded = tf.constant([open(path, 'rb').read() for path in files])
+  decoders = {
+      'whole': lambda index, jpeg: tf.io.decode_jpeg(jpeg, channels=3),
+      'crop_window': lambda index, jpeg: input_pipeline.inception_crop(
+          jpeg, tf.stack([tf.constant(0, tf.int64), index]), 3)}
+  rates = {}
+  for name, decode in decoders.items():
+    # Reduce every image to one number so that variable shapes need no batching.
+    data = tf.data.Dataset.from_tensor_slices(encoded).repeat().enumerate().map(
+        lambda index, jpeg: tf.reduce_sum(tf.cast(decode(index, jpeg)[0, 0], tf.int32)))
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
+    iterator = iter(data.with_options(options).batch(16))
+    next(iterator)  # Warm-up.
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+      count += len(next(iterator))
+    rates[name] = count / (time.perf_counter() - start)
+  return rates
+
+
 def main(argv):
   del argv
   from patchmerger.data import prepare
@@ -102,6 +134,9 @@ def main(argv):
       results['pipeline'].append(row)
       print(f'training pipeline, {threads} thread(s): {row["images_per_sec"]:.0f} images/s '
             f'({row["images"]} images in {row["seconds"]:.1f} s)', flush=True)
+    results['decode_one_thread'] = time_decode(source, _SECONDS.value / 2)
+    print('decode floor, 1 thread: whole JPEG {whole:.0f} images/s, inception-crop window '
+          '{crop_window:.0f} images/s'.format(**results['decode_one_thread']), flush=True)
     if _JSON.value:
       with open(_JSON.value, 'w') as f:
         json.dump(results, f, indent=2)

@@ -14,8 +14,11 @@ speedup divided by the FLOPs ratio (1.0: the saved FLOPs turn fully into speed).
 ToMe's merge steps (similarity, sort, gathers, scatter-adds) are also timed on
 their own at the shapes of each block (`merge_ms`, and `merge_share` of the ToMe
 forward pass), so their cost is visible apart from the smaller blocks'.
-Timing, --image_size, --repeats, --calls, --train and --json are those of
-benchmarks/throughput.py.
+Inference is timed round-robin over the rows of a batch size (--interleave, the
+default): every model is compiled first, then each takes one timed turn of
+--calls calls per round, for --repeats rounds, so the machine's drift falls on
+all rows alike. --image_size, --repeats, --calls, --train and --json are those
+of benchmarks/throughput.py.
 """
 import json
 import os
@@ -39,6 +42,10 @@ _MERGER = flags.DEFINE_string('merger', '8@1/2', 'M@FRACTION slot of patchmerger
                               'tokenlearner and pool.')
 _TOME_R = flags.DEFINE_integer('tome_r', -1, 'ToMe merges per block; -1: search the r whose '
                                'FLOPs match the PatchMerger row (or --tome_flops_ratio).')
+_INTERLEAVE = flags.DEFINE_boolean(
+    'interleave', True, 'Time the inference of all rows of a batch size in alternation '
+    '(one call of each in turn, --repeats rounds), so that drift of the machine\'s speed falls '
+    'on every row alike; off: each row on its own, one after another.')
 _TOME_RATIO = flags.DEFINE_float('tome_flops_ratio', None, 'Target plain/ToMe FLOPs ratio of '
                                  'the r search; default: that of the --merger PatchMerger.')
 
@@ -103,6 +110,28 @@ def time_tome_merges(variant: str, r: int, batch: int, repeats: int, calls: int)
   return 1000 * batch / rate
 
 
+def interleaved_inference(variant: str, settings: list[tuple[str, dict]], batch: int,
+                          repeats: int, calls: int) -> list[float]:
+  """Inference images/s of each (merger slot, reducer) setting, all compiled first,
+  then timed round-robin: median over `repeats` rounds of `calls` calls each."""
+  compiled = []
+  for slot, reducer in settings:
+    model_cfg, shape, classes = throughput.model_config(variant, slot, reducer)
+    model = build_model(model_cfg, classes)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *shape), np.float32))
+    params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
+    forward = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x))
+    forward = forward.lower(params, images).compile()
+    jax.block_until_ready(forward(params, images))  # Warm-up.
+    compiled.append((forward, params, images))
+  rates = [[] for _ in compiled]
+  for _ in range(repeats):
+    for index, (forward, params, images) in enumerate(compiled):
+      rates[index].append(throughput._median_rate(lambda: forward(params, images), batch, 1,
+                                                  calls))
+  return [float(np.median(r)) for r in rates]
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
   """FLOPs ratio and speedups against the plain row of the same batch size."""
   plain = {r['batch_size']: r for r in rows if r['reducer'] == 'none'}
@@ -135,15 +164,27 @@ def main(argv):
           f'{plain_gflops / tome_gflops:.3f} (target {ratio:.3f})', flush=True)
   rows = []
   for batch in map(int, throughput._BATCHES.value):
+    settings, batch_rows = [], []
     for kind in _REDUCERS.value:
       slot = merger if kind in ('patchmerger', 'tokenlearner', 'pool') else 'none'
       reducer = {'kind': kind, 'r': max(tome_r, 0)}
-      row = throughput.measure(variant, slot, batch, repeats, calls, train, reducer, hf=False)
+      settings.append((slot, reducer))
+      # Interleaved: this call gives cost, memory and (with --train) the step; the
+      # inference rate comes from the round-robin below.
+      row = throughput.measure(variant, slot, batch, 1 if _INTERLEAVE.value else repeats,
+                               1 if _INTERLEAVE.value else calls, train, reducer, hf=False)
       row['tome_r'] = tome_r if kind == 'tome' else None  # Constant r, from block 0.
       if kind == 'tome':
         row['merge_ms'] = time_tome_merges(variant, tome_r, batch, repeats, calls)
-      rows.append(row)
-      print(f'  batch {batch} {kind}: {row["infer_img_s"]:.1f} img/s', flush=True)
+      batch_rows.append(row)
+      if not _INTERLEAVE.value:
+        print(f'  batch {batch} {kind}: {row["infer_img_s"]:.1f} img/s', flush=True)
+    if _INTERLEAVE.value:
+      rates = interleaved_inference(variant, settings, batch, repeats, calls)
+      for row, rate in zip(batch_rows, rates):
+        row.update(infer_img_s=rate, timing='interleaved')
+        print(f'  batch {batch} {row["reducer"]}: {rate:.1f} img/s (interleaved)', flush=True)
+    rows += batch_rows
   add_ratios(rows)
   table = throughput.markdown(rows, COLUMNS)
   print(table)

@@ -184,6 +184,19 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
   return row
 
 
+def _torch_matmul_tflops(size: int = 1024, repeats: int = 5) -> float:
+  """Best float32 matmul rate of PyTorch on the CPU, as utilisation.measured_peak_tflops."""
+  import torch
+  a = torch.ones(size, size)
+  a @ a
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    a @ a
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best / 1e12
+
+
 def hf_reference(model, params, images, batch: int, repeats: int, calls: int) -> dict:
   """transformers' ViTForImageClassification (PyTorch, SDPA attention) on the same
   weights and images: inference, and an AdamW training step when --train. On a
@@ -217,6 +230,9 @@ def hf_reference(model, params, images, batch: int, repeats: int, calls: int) ->
     hf_rate = timed(lambda: reference(pixel_values=pixels).logits)
   row = {'hf_device': device, 'hf_attention': reference.config._attn_implementation,
          'hf_infer_img_s': hf_rate}
+  if device == 'cpu':  # Each library's own float32 matmul rate: most of a ViT's time.
+    row.update(xla_matmul_tflops=utilisation.measured_peak_tflops(),
+               torch_matmul_tflops=_torch_matmul_tflops())
   if twin:  # Ours, as a token model, for the same work.
     ours = jax.jit(lambda p, x: model.apply({'params': p}, x))
     jax.block_until_ready(ours(params, images))

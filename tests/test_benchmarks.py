@@ -54,6 +54,7 @@ def test_throughput_benchmark_runs_and_computes_ratios_from_its_measurements(tmp
   assert rows[0]['hf_infer_img_s'] > 0 and rows[0]['hf_train_img_s'] > 0
   assert rows[0]['ours_vs_hf'] == rows[0]['ours_token_infer_img_s'] / rows[0]['hf_infer_img_s']
   assert rows[0]['ours_vs_hf_train'] == rows[0]['train_img_s'] / rows[0]['hf_train_img_s']
+  assert rows[0]['xla_matmul_tflops'] > 0 and rows[0]['torch_matmul_tflops'] > 0
 
 
 def test_gpu_check_script_parses():
@@ -81,6 +82,8 @@ def test_input_pipeline_benchmark_prepares_and_reads_imagenet_sized_jpegs(tmp_pa
   assert [row['threads'] for row in results['pipeline']] == [1, 2]
   assert all(row['images'] > 0 and row['images_per_sec'] > 0 for row in results['pipeline'])
   assert 'training pipeline, 2 thread(s):' in result.stdout
+  assert set(results['decode_one_thread']) == {'whole', 'crop_window'}
+  assert all(rate > 0 for rate in results['decode_one_thread'].values())
 
 
 @pytest.fixture
@@ -134,4 +137,44 @@ def test_reducer_benchmark_runs_every_reducer(tmp_path):
     assert row['flops_ratio'] == rows[0]['gflops'] / row['gflops'] > 1
     assert row['speedup_per_flops'] == row['speedup_infer'] / row['flops_ratio']
   assert rows[4]['tome_r'] > 0 and rows[4]['merge_ms'] > 0
+  # Inference rates come from the round-robin timing of all five models.
+  assert all(row['timing'] == 'interleaved' and row['infer_img_s'] > 0 for row in rows)
+  assert result.stdout.count('(interleaved)') == 5
   assert '| Ti/8 | 2 | tome |' in out_md.read_text()
+
+
+def test_against_commit_times_both_checkouts_and_removes_its_worktree():
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/against_commit.py', '--commit=HEAD', '--variant=Ti/16',
+       '--image_size=32', '--batch_size=2', '--rounds=1', '--repeats=1'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'round 1, HEAD: inference' in result.stdout
+  assert 'round 1, this checkout: inference' in result.stdout
+  assert 'Ti/16 batch 2 train: this checkout' in result.stdout
+  worktrees = subprocess.run(['git', 'worktree', 'list'], cwd=ROOT, capture_output=True,
+                             text=True).stdout
+  assert 'against_commit_' not in worktrees
+
+
+def test_reducer_accuracy_tables_average_the_seeds_and_plot_their_range(tmp_path):
+  # In a subprocess: the script's flags share names with benchmarks/reducers.py's.
+  script = f'''
+from benchmarks import reducers_fashion_mnist as experiment
+rows = [dict(method='none', trained='yes', r='', seed=0, test_accuracy=0.80,
+             gflops_per_image=0.02, train_images_per_sec=400., infer_images_per_sec=1800.),
+        dict(method='none', trained='yes', r='', seed=1, test_accuracy=0.82,
+             gflops_per_image=0.02, train_images_per_sec=420., infer_images_per_sec=1900.),
+        dict(method='tome', trained='no (plain model)', r=8, seed=0, test_accuracy=0.79,
+             gflops_per_image=0.015, train_images_per_sec=None, infer_images_per_sec=2500.)]
+experiment.write({str(tmp_path)!r}, rows)
+'''
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = (tmp_path / 'results.md').read_text()
+  assert '| none | yes |  | 80.00%, 82.00% | 81.00% | 0.0200 | 410 | 1850 |' in table
+  assert '| tome | no (plain model) | 8 | 79.00% | 79.00% | 0.0150 | - | 2500 |' in table
+  assert len((tmp_path / 'results.csv').read_text().splitlines()) == 4
+  assert (tmp_path / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
