@@ -118,12 +118,7 @@ def interleaved_inference(variant: str, settings: list[tuple[str, dict]], batch:
   for slot, reducer in settings:
     model_cfg, shape, classes = throughput.model_config(variant, slot, reducer)
     model = build_model(model_cfg, classes)
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *shape), np.float32))
-    params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
-    forward = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x))
-    forward = forward.lower(params, images).compile()
-    jax.block_until_ready(forward(params, images))  # Warm-up.
-    compiled.append((forward, params, images))
+    compiled.append(throughput.compiled_forward(model, batch, shape)[:3])
   rates = [[] for _ in compiled]
   for _ in range(repeats):
     for index, (forward, params, images) in enumerate(compiled):

@@ -132,6 +132,19 @@ def _step_config(batch: int):
   return config
 
 
+def compiled_forward(model, batch: int, shape: Sequence[int]) -> tuple:
+  """(compiled forward pass, params, images, compile seconds) of `model` on a fixed
+  batch of random images; the first call (warm-up) is done."""
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *shape), np.float32))
+  params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  start = time.perf_counter()
+  compiled = forward.lower(params, images).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(params, images))  # Warm-up.
+  return compiled, params, images, compile_s
+
+
 def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
             train: bool, reducer: Optional[dict] = None, hf: Optional[bool] = None,
             peak: Optional[float] = None, attention: Optional[str] = None) -> dict:
@@ -142,16 +155,8 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
   model_cfg, shape, classes = model_config(variant, merger, reducer, attention)
   model = build_model(model_cfg, classes)
   _check_options(model, model_cfg)
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((batch, *shape), np.float32))
-  params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
+  compiled, params, images, compile_s = compiled_forward(model, batch, shape)
   gflops = utilisation.forward_flops(model, shape) / 1e9
-
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  start = time.perf_counter()
-  compiled = forward.lower(params, images).compile()
-  compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(params, images))  # Warm-up.
   infer = _median_rate(lambda: compiled(params, images), batch, repeats, calls)
   row = dict(variant=variant, merger=merger, image_size=shape[0], batch_size=batch,
              dtype=model_cfg.dtype, mergers=[list(m) for m in model.mergers],
@@ -165,7 +170,8 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
     config = _step_config(batch)
     state = state_lib.TrainState.create(apply_fn=model.apply, params=params,
                                         tx=state_lib.make_optimizer(config))
-    batch_data = {'image': images, 'label': jnp.asarray(rng.integers(0, classes, batch))}
+    labels = np.random.default_rng(0).integers(0, classes, batch)
+    batch_data = {'image': images, 'label': jnp.asarray(labels)}
     train_step = jax.jit(functools.partial(step.train_step, loss='softmax_xent',
                                            label_smoothing=0., accum_steps=1))
     compiled_step = train_step.lower(state, batch_data, jax.random.key(1)).compile()
