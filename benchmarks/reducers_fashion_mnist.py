@@ -7,9 +7,10 @@ The model: 32px images, patch 4 without a convolution stem (8x8 = 64 tokens),
 width 64, depth 4, MLP 128, 4 heads, GAP head; otherwise configs/fashion_mnist.py.
 Every method trains --steps steps per seed through `loop.train` (train.py's code):
 plain (`reducer=none`), PatchMerger, TokenLearner and pool in the --merger slot,
-and ToMe with --train_tome_r merges per block; warm-up is a tenth of the steps. Then every run is evaluated with
-`loop.evaluate_checkpoint` (eval.py's code) for its test accuracy, and ToMe is applied without training to each trained plain model at
-every --tome_r (as `eval.py --checkpoint=PLAIN_RUN --config.model.reducer.kind=tome
+and ToMe with --train_tome_r merges per block; warm-up is a tenth of the steps.
+Then every run is evaluated with `loop.evaluate_checkpoint` (eval.py's code) for
+its test accuracy, and ToMe is applied without training to each trained plain
+model at every --tome_r (as `eval.py --checkpoint=PLAIN_RUN --config.model.reducer.kind=tome
 --config.model.reducer.r=R` does). Inference images/s time the compiled forward
 pass alone on a device-resident batch of --infer_batch images (median of
 --infer_repeats), so the input pipeline, which feeds this tiny model slower than
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from absl import app, flags, logging
 
+from benchmarks import throughput
 from configs import fashion_mnist
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the runs.', required=True)
@@ -69,24 +71,12 @@ def _cached(path: str, compute) -> dict:
 
 def inference_rate(config) -> float:
   """Median images/s of the jitted forward pass (eval mode) on a fixed batch."""
-  import statistics
-  import time
-  import jax
-  import jax.numpy as jnp
   from patchmerger.models import build_model
   model = build_model(config.model, config.num_classes)
-  shape = (_INFER_BATCH.value, config.input.image_size, config.input.image_size,
-           config.input.channels)
-  images = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-  params = jax.jit(model.init)(jax.random.key(1), images[:1])['params']
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  jax.block_until_ready(forward(params, images))  # Compile and warm up.
-  rates = []
-  for _ in range(_INFER_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(forward(params, images))
-    rates.append(_INFER_BATCH.value / (time.perf_counter() - start))
-  return statistics.median(rates)
+  shape = (config.input.image_size,) * 2 + (config.input.channels,)
+  forward, params, images, _ = throughput.compiled_forward(model, _INFER_BATCH.value, shape)
+  return throughput._median_rate(lambda: forward(params, images), _INFER_BATCH.value,
+                                 _INFER_REPEATS.value, 1)
 
 
 def main(argv):
