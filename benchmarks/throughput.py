@@ -156,7 +156,7 @@ def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
   model = build_model(model_cfg, classes)
   _check_options(model, model_cfg)
   compiled, params, images, compile_s = compiled_forward(model, batch, shape)
-  gflops = utilisation.forward_flops(model, shape) / 1e9
+  gflops = flops.forward_flops(model, shape) / 1e9
   infer = _median_rate(lambda: compiled(params, images), batch, repeats, calls)
   row = dict(variant=variant, merger=merger, image_size=shape[0], batch_size=batch,
              dtype=model_cfg.dtype, mergers=[list(m) for m in model.mergers],

@@ -1,5 +1,5 @@
 """FLOPs and parameter counts: measured (XLA cost analysis) and analytic."""
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -18,11 +18,31 @@ def count_params(params: Any) -> dict:
   return dict(total=total, merger=merger)
 
 
-def _cost_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
+def cost_flops(stage: Any) -> float:
+  """FLOPs of one call of a lowered or compiled computation by XLA's cost analysis
+  (per device for a partitioned executable); NaN where the backend has none."""
+  cost = stage.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older jax returns one dict per device.
     cost = cost[0]
-  return float(cost['flops'])
+  return float((cost or {}).get('flops', float('nan')))
+
+
+def lowered_flops(fn: Callable[..., Any], *args: Any) -> float:
+  """FLOPs of one call of `jax.jit(fn)(*args)` (arrays or jax.ShapeDtypeStruct),
+  counted before XLA's optimisations on a lowering for the host CPU.
+
+  GPU and TPU backends, served through PJRT's C API, have no cost analysis
+  before compilation, and compiling an unrolled deep model just to count it
+  would take minutes; the computation is the same on any platform. Without a
+  CPU backend (JAX_PLATFORMS=cuda) it is compiled on the accelerator instead.
+  """
+  specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  try:
+    host = jax.local_devices(backend='cpu')[0]
+  except RuntimeError:
+    return cost_flops(jax.jit(fn).lower(*specs).compile())
+  with jax.default_device(host):
+    return cost_flops(jax.jit(fn).lower(*specs))
 
 
 def counted_model(model: VisionTransformer) -> VisionTransformer:
@@ -33,17 +53,22 @@ def counted_model(model: VisionTransformer) -> VisionTransformer:
   return model.clone(**{k: v for k, v in plain.items() if hasattr(model, k)})
 
 
-def measured_gflops(model: VisionTransformer, image_shape: tuple[int, int, int],
-                    batch_size: int = 1) -> float:
-  """GFLOPs per image of the jitted forward pass, from XLA's cost analysis of
-  `counted_model(model)` (the same computation, whatever scan or remat say),
-  lowered but not compiled: no compilation of an unrolled deep model at start
-  (the count before XLA's optimisations is within 0.1% of the compiled one)."""
+def forward_flops(model: VisionTransformer, image_shape: tuple[int, ...],
+                  batch_size: int = 1) -> float:
+  """FLOPs of the jitted forward pass on `batch_size` images, from XLA's cost
+  analysis of `counted_model(model)` (the same computation, whatever scan or
+  remat say), lowered but not compiled: no compilation of an unrolled deep model
+  at start (the count before XLA's optimisations is within 0.1% of the compiled one)."""
   model = counted_model(model)
   images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  lowered = jax.jit(model.apply).lower(variables, images)
-  return _cost_flops(lowered) / batch_size / 1e9
+  return lowered_flops(model.apply, variables, images)
+
+
+def measured_gflops(model: VisionTransformer, image_shape: tuple[int, int, int],
+                    batch_size: int = 1) -> float:
+  """GFLOPs per image of the forward pass (`forward_flops`)."""
+  return forward_flops(model, image_shape, batch_size) / batch_size / 1e9
 
 
 def analytic_gflops(model: VisionTransformer, image_shape: tuple[int, int, int]) -> float:

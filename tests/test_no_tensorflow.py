@@ -35,8 +35,10 @@ except ImportError as e:
 assert not any(m.split('.')[0] == 'tensorflow' for m in sys.modules)
 print('imported without tensorflow')
 '''
+  # Keep the caller's path: on GPU machines ml-collections is only on a carried one.
+  path = os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
   result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=path))
   assert result.returncode == 0, result.stderr[-3000:]
   # The blocker works: the input pipeline, which needs TensorFlow, fails to import.
   assert 'blocked: tensorflow is blocked in this test' in result.stdout

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist
+from patchmerger import flops
 from patchmerger.models import build_model
 from patchmerger.training import state as state_lib, step, utilisation
 
@@ -29,15 +30,32 @@ def _tiny():
 
 def test_mfu_arithmetic_on_a_known_matmul():
   m, k, n = 64, 128, 32
-  lowered = jax.jit(jnp.matmul).lower(jnp.ones((m, k)), jnp.ones((k, n)))
-  flops = utilisation.compiled_flops(lowered.compile())
-  assert flops == 2 * m * k * n
-  assert utilisation.compiled_flops(lowered) == flops  # Before compilation too.
+  a, b = jnp.ones((m, k)), jnp.ones((k, n))
+  matmul_flops = flops.cost_flops(jax.jit(jnp.matmul).lower(a, b).compile())
+  assert matmul_flops == 2 * m * k * n
+  # Before compilation, lowered for the host CPU: the same count on any device.
+  assert flops.lowered_flops(jnp.matmul, a, b) == matmul_flops
   # 1,000 such matmuls in 0.5 s on a 0.5 TFLOP/s device.
-  result = utilisation.utilisation(flops, steps=1000, seconds=0.5, peak=0.5, input_wait=0.1)
+  result = utilisation.utilisation(matmul_flops, steps=1000, seconds=0.5, peak=0.5, input_wait=0.1)
   assert result['train/tflops_per_device'] == pytest.approx(1000 * 2 * m * k * n / 0.5 / 1e12)
   assert result['train/mfu'] == pytest.approx(result['train/tflops_per_device'] / 0.5)
   assert result['train/input_wait_fraction'] == pytest.approx(0.2)
+
+
+def test_lowered_flops_compile_on_the_device_without_a_cpu_backend(monkeypatch):
+  """JAX_PLATFORMS=cuda leaves no host CPU backend to lower for: the count then
+  comes from the computation compiled on the device, and is the same."""
+  a, b = jnp.ones((64, 128)), jnp.ones((128, 32))
+  expected = flops.lowered_flops(jnp.matmul, a, b)
+  local_devices = jax.local_devices
+
+  def no_cpu(*args, backend=None, **kwargs):
+    if backend == 'cpu':
+      raise RuntimeError('Unknown backend cpu')
+    return local_devices(*args, backend=backend, **kwargs)
+
+  monkeypatch.setattr(jax, 'local_devices', no_cpu)
+  assert flops.lowered_flops(jnp.matmul, a, b) == expected == 2 * 64 * 128 * 32
 
 
 @pytest.mark.parametrize('kind,peak', [
@@ -63,13 +81,14 @@ def test_train_step_flops_are_the_compiled_steps_and_ignore_accumulation():
   counted = utilisation.train_step_flops(model, config, shape)
   state = jax.eval_shape(functools.partial(state_lib.create_state, model, config,
                                            image_shape=shape), jax.random.key(0))
-  batch = {'image': jnp.zeros((config.batch_size, *shape)),
-           'label': jnp.zeros((config.batch_size,), jnp.int32)}
-  compiled = jax.jit(functools.partial(step.train_step, loss=config.loss, label_smoothing=0.1,
-                                       accum_steps=1)).lower(state, batch, jax.random.key(0))
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):  # As train_step_flops.
+    batch = {'image': jnp.zeros((config.batch_size, *shape)),
+             'label': jnp.zeros((config.batch_size,), jnp.int32)}
+    compiled = jax.jit(functools.partial(step.train_step, loss=config.loss, label_smoothing=0.1,
+                                         accum_steps=1)).lower(state, batch, jax.random.key(0))
   # Before and after XLA's optimisation: 3% apart at this tiny width, where
   # elementwise work dominates; 0.05% for ViT-S/16, where matmuls do.
-  assert counted == pytest.approx(utilisation.compiled_flops(compiled.compile()), rel=5e-2)
+  assert counted == pytest.approx(flops.cost_flops(compiled.compile()), rel=5e-2)
   # XLA counts a loop body once; the count must not drop with accumulation.
   config.accum_steps = 4
   assert utilisation.train_step_flops(model, config, shape) == counted

@@ -1,7 +1,7 @@
 """How well a run uses its hardware: device summary, peak FLOP/s, MFU, input waits.
 
-MFU = the FLOPs of the compiled train step (XLA's cost analysis of the
-partitioned program, i.e. per device) x steps per second / the device's peak.
+MFU = the model FLOPs of one train step per device (XLA's cost analysis of the
+step, `train_step_flops`) x steps per second / the device's peak.
 Peaks are the vendors' dense bfloat16 figures per chip; on CPU, where no table
 entry makes sense, the peak is a float32 matmul measured once at start.
 """
@@ -61,27 +61,10 @@ def peak_tflops(device: Optional[jax.Device] = None) -> tuple[float, str]:
   return measured_peak_tflops(), f'measured: f32 matmul on {device.device_kind}'
 
 
-def compiled_flops(compiled: Any) -> float:
-  """FLOPs of one call of a lowered or compiled computation (XLA's cost analysis;
-  per device for a partitioned executable)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per partition.
-    cost = cost[0]
-  return float((cost or {}).get('flops', float('nan')))
-
-
-def forward_flops(model: Any, image_shape: tuple[int, ...], batch_size: int = 1) -> float:
-  """FLOPs of the forward pass on `batch_size` images (lowered, not compiled)."""
-  model = flops.counted_model(model)
-  images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  return compiled_flops(jax.jit(model.apply).lower(variables, images))
-
-
 def train_step_flops(model: Any, config: Any, image_shape: tuple[int, ...]) -> float:
   """Model FLOPs of one train step per device: XLA's cost analysis of the step
-  on the whole batch, lowered (not compiled) for one device, divided by the
-  device count.
+  on the whole batch, lowered (not compiled) for the host CPU
+  (`flops.lowered_flops`), divided by the device count.
 
   Counted without gradient accumulation and on `flops.counted_model(model)`: the
   FLOPs the model needs, not those a loop hides or a recomputation adds (MFU,
@@ -93,10 +76,9 @@ def train_step_flops(model: Any, config: Any, image_shape: tuple[int, ...]) -> f
   state = jax.eval_shape(create, jax.random.key(0))
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, *image_shape), jnp.float32),
            'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-  train_step = jax.jit(functools.partial(step.train_step, loss=config.loss,
-                                         label_smoothing=config.label_smoothing, accum_steps=1))
-  lowered = train_step.lower(state, batch, jax.random.key(0))
-  return compiled_flops(lowered) / jax.device_count()
+  train_step = functools.partial(step.train_step, loss=config.loss,
+                                 label_smoothing=config.label_smoothing, accum_steps=1)
+  return flops.lowered_flops(train_step, state, batch, jax.random.key(0)) / jax.device_count()
 
 
 def utilisation(flops_per_step: float, steps: int, seconds: float, peak: float,
