@@ -31,11 +31,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax
-  from patchmerger.data import local
+  import tensorflow as tf
+  from patchmerger.data import input_pipeline, local
   from patchmerger.training import loop
 
   def run():
     config = _CONFIG.value
+    input_pipeline.hide_gpus_from_tensorflow()  # Before TensorFlow makes any tensor.
     cli.initialize_distributed(config.distributed)
     loop.validate(config)
     builder = local.ensure_prepared(config.dataset, config.data_dir)
@@ -48,8 +50,8 @@ def main(argv):
                                        else None, export_path=_EXPORT.value,
                                        source=_CHECKPOINT.value)
     if jax.process_index() == 0:  # The workdir is made only once evaluation succeeded.
-      os.makedirs(_WORKDIR.value, exist_ok=True)
-      with open(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
+      tf.io.gfile.makedirs(_WORKDIR.value)  # Local or object storage (gs://...).
+      with tf.io.gfile.GFile(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(f'Checkpoint step {results["step"]} on {results["test/examples"]} test examples:')
     print(f'  test accuracy      {results["test/accuracy"]:.4f}')

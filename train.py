@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors do not pay for jax/tf start-up.
-  from patchmerger.data import local
+  from patchmerger.data import input_pipeline, local
   from patchmerger.training import loop
 
   if _CHECK_DATA.value:
@@ -34,6 +34,7 @@ def main(argv):
 
   def run():
     config = _CONFIG.value
+    input_pipeline.hide_gpus_from_tensorflow()  # Before TensorFlow makes any tensor.
     cli.initialize_distributed(config.distributed)
     loop.validate(config)  # Bad model settings fail before any data work.
     loop.ensure_writable(_WORKDIR.value)

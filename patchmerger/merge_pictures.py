@@ -1,9 +1,11 @@
 """Pictures of what each merged token looks at: the first PatchMerger's weights
 over the input patches, upsampled onto the image (like the paper's figures)."""
+import io
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def merge_weights(model: Any, params: Any, images: np.ndarray) -> np.ndarray:
@@ -49,6 +51,11 @@ def draw(images: np.ndarray, weights: np.ndarray, path: str, mean: float = 0.,
     axis.axis('off')
   fig.suptitle('PatchMerger: weight of each input patch in each merged token', fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=110)
   plt.close(fig)
+  path = epath.Path(path)  # Local or object storage (gs://...).
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    f.write(buffer.getvalue())
   return panels

@@ -28,14 +28,25 @@ def test_float32_attention_equals_flax_attention(implementation):
 
 def test_auto_picks_cudnn_only_where_it_applies():
   bf16, f32 = jnp.bfloat16, jnp.float32
-  assert choose_implementation('auto', bf16, 64, backend='gpu') == 'cudnn'
-  assert choose_implementation('auto', jnp.float16, 128, backend='gpu') == 'cudnn'
-  assert choose_implementation('auto', f32, 64, backend='gpu') == 'xla'    # f32: no kernel
-  assert choose_implementation('auto', bf16, 12, backend='gpu') == 'xla'   # head size
-  assert choose_implementation('auto', bf16, 64, has_bias=True, backend='gpu') == 'xla'
+
+  def on_gpu(requested, dtype, head_dim, has_bias=False, capability=(9, 0)):  # H100: 9.0
+    return choose_implementation(requested, dtype, head_dim, has_bias, backend='gpu',
+                                 compute_capability=capability)
+
+  assert on_gpu('auto', bf16, 64) == 'cudnn'
+  assert on_gpu('auto', jnp.float16, 128) == 'cudnn'
+  assert on_gpu('auto', bf16, 64, capability=(8, 0)) == 'cudnn'  # A100
+  assert on_gpu('auto', bf16, 64, capability=(7, 5)) == 'xla'    # T4: no cuDNN SDPA
+  assert on_gpu('auto', bf16, 64, capability=(7, 0)) == 'xla'    # V100
+  assert on_gpu('auto', f32, 64) == 'xla'                        # f32: no kernel
+  assert on_gpu('auto', bf16, 12) == 'xla'                       # head size
+  assert on_gpu('auto', bf16, 64, has_bias=True) == 'xla'
+  assert on_gpu(None, bf16, 64) == 'xla'
   assert choose_implementation('auto', bf16, 64, backend='cpu') == 'xla'
   assert choose_implementation('auto', bf16, 64, backend='tpu') == 'xla'
-  assert choose_implementation(None, bf16, 64, backend='gpu') == 'xla'
+  # A 'gpu' backend whose device reports no CUDA capability (here: a CPU) is not taken.
+  assert choose_implementation('auto', bf16, 64, backend='gpu') == (
+      'cudnn' if jax.default_backend() == 'gpu' else 'xla')
   assert choose_implementation('cudnn', f32, 64, backend='cpu') == 'cudnn'  # As asked.
   with pytest.raises(ValueError, match='model.attention'):
     choose_implementation('flash', bf16, 64)
@@ -45,7 +56,7 @@ def test_cudnn_without_a_gpu_fails_at_build_with_one_line():
   config = common.model_config('Ti/16', 'none', attention='cudnn', dtype='bfloat16')
   if jax.default_backend() == 'gpu':
     pytest.skip('this machine has a GPU')
-  with pytest.raises(ValueError, match="model.attention='cudnn' needs a GPU"):
+  with pytest.raises(ValueError, match="model.attention='cudnn' needs an NVIDIA GPU"):
     build_model(config, 10)
   config.attention = 'flash'
   with pytest.raises(ValueError, match='model.attention must be one of'):

@@ -159,6 +159,27 @@ def test_eval_batches_cover_the_split_once_with_padding(prepared):
   assert masks.sum() == 20 and list(masks[20:]) == [0] * 4
 
 
+def test_eval_batches_are_the_same_whether_cached_decoded_or_encoded(prepared, monkeypatch):
+  """Small splits are kept decoded in host memory; big ones (ImageNet's validation
+  set would take 30 GB decoded) are kept encoded and decoded at each pass."""
+  decoded, _ = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 8)
+  monkeypatch.setattr(input_pipeline, 'MAX_DECODED_CACHE_BYTES', 0)
+  encoded, _ = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 8)
+  for _ in range(2):  # The second pass reads the cache.
+    for a, b in zip(decoded.as_numpy_iterator(), encoded.as_numpy_iterator(), strict=True):
+      np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_first_images_take_any_split_spec(prepared):
+  """Merge pictures read the first test images: a sliced test split (imagenet21k's
+  'full[:51200]', 'train[99%:]') cannot be sliced again by appending '[:4]'."""
+  data, _ = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 4)
+  first = next(data.as_numpy_iterator())['image']
+  np.testing.assert_array_equal(input_pipeline.first_images(prepared[0], 'test', INPUT, 4), first)
+  np.testing.assert_array_equal(
+      input_pipeline.first_images(prepared[0], 'test[:50%]', INPUT, 4), first)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(local.FASHION_MNIST_DIR),
                     reason='needs Debian package dataset-fashion-mnist (.ci/run installs it)')

@@ -6,7 +6,9 @@ from patchmerger.training import sharding
 
 CLUSTER_VARIABLES = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
                      'SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
-                     'SLURM_LOCALID', 'OMPI_MCA_orte_hnp_uri', 'TPU_WORKER_HOSTNAMES')
+                     'SLURM_LOCALID', 'SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE',
+                     'OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_LOCAL_SIZE', 'TPU_WORKER_HOSTNAMES',
+                     'JAX_LOCAL_DEVICE_IDS', 'CUDA_VISIBLE_DEVICES')
 
 
 @pytest.fixture
@@ -15,7 +17,9 @@ def calls(monkeypatch):
   for name in CLUSTER_VARIABLES:
     monkeypatch.delenv(name, raising=False)
   recorded = []
-  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args: recorded.append(args))
+  monkeypatch.setattr(jax.distributed, 'initialize',
+                      lambda *args, local_device_ids=None: recorded.append(
+                          (*args, local_device_ids)))
   return recorded
 
 
@@ -37,7 +41,7 @@ def test_auto_initialises_on_a_slurm_job_of_several_tasks(calls, monkeypatch):
   monkeypatch.setenv('SLURM_NTASKS', '2')
   assert sharding.detected_cluster() == 'SlurmCluster'
   assert sharding.maybe_initialize_distributed('auto') is True
-  assert calls == [(None, None, None)]  # jax reads the rest from SLURM.
+  assert calls == [(None, None, None, None)]  # jax reads the rest from SLURM.
   assert sharding.maybe_initialize_distributed(False) is False and len(calls) == 1
 
 
@@ -47,12 +51,12 @@ def test_a_coordinator_address_initialises_with_auto_and_false(calls, monkeypatc
   monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
   monkeypatch.setenv('JAX_PROCESS_ID', '0')
   assert sharding.maybe_initialize_distributed(False) is True
-  assert calls == [('127.0.0.1:1234', 2, 1), ('127.0.0.1:1234', 2, 0)]
+  assert calls == [('127.0.0.1:1234', 2, 1, None), ('127.0.0.1:1234', 2, 0, None)]
 
 
 def test_true_without_a_cluster_fails_with_one_clear_line(calls, monkeypatch):
 
-  def no_cluster(*args):  # What jax raises when nothing describes a cluster.
+  def no_cluster(*args, **kwargs):  # What jax raises when nothing describes a cluster.
     raise ValueError('coordinator_address should be defined.')
 
   monkeypatch.setattr(jax.distributed, 'initialize', no_cluster)
@@ -60,3 +64,31 @@ def test_true_without_a_cluster_fails_with_one_clear_line(calls, monkeypatch):
     sharding.maybe_initialize_distributed(True)
   with pytest.raises(ValueError, match="True, False or 'auto'"):
     sharding.maybe_initialize_distributed('sometimes')
+
+
+def test_one_slurm_task_per_host_keeps_every_gpu(calls, monkeypatch):
+  """jax alone would pin each task to the GPU numbered like its local rank: GPU 0
+  of each host when there is one task per host."""
+  for name, value in (('SLURM_JOB_ID', '17'), ('SLURM_STEP_NODELIST', 'node[1-2]'),
+                      ('SLURM_NTASKS', '2'), ('SLURM_PROCID', '0'), ('SLURM_LOCALID', '0'),
+                      ('SLURM_STEP_TASKS_PER_NODE', '1(x2)'),
+                      ('CUDA_VISIBLE_DEVICES', '0,1,2,3')):
+    monkeypatch.setenv(name, value)
+  assert sharding.maybe_initialize_distributed('auto') is True
+  assert calls[-1] == (None, None, None, [0, 1, 2, 3])
+  monkeypatch.setenv('SLURM_STEP_TASKS_PER_NODE', '4(x2)')  # One task per GPU: jax's rule.
+  assert sharding.maybe_initialize_distributed('auto') is True
+  assert calls[-1] == (None, None, None, None)
+
+
+@pytest.mark.parametrize('environ,gpus,expected', [
+    ({'OMPI_COMM_WORLD_LOCAL_SIZE': '1'}, 8, list(range(8))),
+    ({'OMPI_COMM_WORLD_LOCAL_SIZE': '8'}, 8, None),
+    ({'SLURM_TASKS_PER_NODE': '1'}, 2, [0, 1]),
+    ({'SLURM_TASKS_PER_NODE': '1', 'JAX_LOCAL_DEVICE_IDS': '0'}, 8, None),  # The user's.
+    ({'SLURM_TASKS_PER_NODE': '1'}, 1, None),  # One GPU or none: nothing to choose.
+    ({'SLURM_TASKS_PER_NODE': '1', 'CUDA_VISIBLE_DEVICES': '3,5'}, None, [0, 1]),
+    ({}, 8, None),  # No SLURM or Open MPI task.
+])
+def test_local_device_ids(environ, gpus, expected):
+  assert sharding.local_device_ids(environ, gpus) == expected

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 import pytest
 
 from patchmerger.models import build_model
@@ -134,6 +135,38 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
   assert [r['step'] for r in records[-3:]] == [4, 5, 6]  # Resumed from step 3.
   assert all(r['train/loss'] == losses[r['step']] for r in records[-3:])
   _assert_identical(_saved_state(tmp_path, 6), good_final)
+
+
+def test_out_of_memory_on_resume_keeps_every_checkpoint(tmp_path, monkeypatch):
+  """Running out of memory says nothing about the checkpoint: nothing is set aside
+  and the run does not restart from step 0."""
+  config = tiny.tiny_config(total_steps=3, checkpoint_every=3, eval_every=3)
+  tiny.run(str(tmp_path), config)
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB')
+
+  monkeypatch.setattr(checkpoint, 'restore', out_of_memory)
+  with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
+    tiny.run(str(tmp_path), tiny.tiny_config(total_steps=6, checkpoint_every=3, eval_every=3))
+  assert not os.path.exists(tmp_path / 'checkpoints_unreadable')
+  assert os.path.isdir(tmp_path / 'checkpoints' / '3')
+
+
+def test_workdirs_on_object_storage_keep_their_scheme():
+  assert checkpoint.checkpoint_dir('gs://bucket/run/') == 'gs://bucket/run/checkpoints'
+  assert checkpoint.checkpoint_dir('runs/a') == os.path.abspath('runs/a/checkpoints')
+
+
+def test_metrics_jsonl_is_written_through_tf_io_gfile():
+  """TensorFlow's in-memory file system stands in for a bucket: not a local path."""
+  tf.io.gfile.makedirs('ram://bucket/run')
+  for step in (1, 2):  # A resumed run appends.
+    writer = metrics.JsonlWriter('ram://bucket/run/metrics.jsonl')
+    writer.write_scalars(step, {'train/loss': 0.5})
+    writer.close()
+  assert metrics.read_metrics('ram://bucket/run') == [
+      {'step': 1, 'train/loss': 0.5}, {'step': 2, 'train/loss': 0.5}]
 
 
 def test_nonfinite_loss_stops_naming_step_and_keeps_good_checkpoints(tmp_path):

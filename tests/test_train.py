@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from patchmerger.training import loop, metrics
+from patchmerger.training import loop, metrics, step
 from tests import tiny
 from tests.test_configs import CONFIG_FILES
 
@@ -104,6 +104,13 @@ def test_eight_devices_match_one_device(tmp_path):
   memory = {name: [r['memory/state_mib_per_device'] for r in metrics.read_metrics(
       str(tmp_path / name)) if 'memory/state_mib_per_device' in r][0] for name in ('eight', 'fsdp')}
   assert memory['fsdp'] < 0.5 * memory['eight'], memory
+
+
+def test_micro_batches_are_strided_so_every_device_feeds_each():
+  batch = {'image': np.arange(8 * 2).reshape(8, 2), 'label': np.arange(8)}
+  micro = step.split_micro_batches(batch, 4)
+  assert micro['label'].tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  np.testing.assert_array_equal(micro['image'][1], batch['image'][1::4])
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):

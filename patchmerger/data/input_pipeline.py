@@ -10,6 +10,7 @@ full-size images, and skipped images are never decoded. Decoding comes last;
 the inception crop is decoded straight from the JPEG at its original
 resolution (`decode_and_crop_jpeg`), then resized.
 """
+import logging
 from typing import Any, Iterator, Mapping, Optional
 
 import jax
@@ -19,6 +20,17 @@ import tensorflow_datasets as tfds
 
 AUGMENTATIONS = ('none', 'flip', 'flip_crop', 'inception_crop_flip')
 
+
+def hide_gpus_from_tensorflow() -> None:
+  """tf.data runs on the host: a GPU build of TensorFlow must not take accelerator
+  memory from JAX. Call it before TensorFlow makes any tensor (train.py and
+  eval.py do, first); later, TensorFlow refuses, and that is only worth a warning."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError as e:
+    if tf.config.get_visible_devices('GPU'):
+      logging.warning('TensorFlow sees a GPU and can no longer be kept off it (%s); '
+                      'tf.data may take accelerator memory.', e)
 
 def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
   """JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, channels] (gray <-> RGB converted)."""
@@ -204,6 +216,9 @@ def _shard_stream(builder: tfds.core.DatasetBuilder, split: str,
   return stream.batch(batch_size, drop_remainder=True)
 
 
+MAX_DECODED_CACHE_BYTES = 2 ** 30  # Per process.
+
+
 def eval_dataset(builder: tfds.core.DatasetBuilder, split: str,
                  input_config: Mapping[str, Any], batch_size: int) -> tuple[tf.data.Dataset, int]:
   """This process's share of `split`, batched, and the number of batches that
@@ -211,13 +226,29 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split: str,
   evaluation step runs in lockstep across hosts)."""
   data = encoded_examples(builder, tfds.split_for_jax_process(split))
   num_examples = int(data.cardinality())
+  # Evaluated again and again during training: kept in host memory after one read,
+  # decoded when that is small (Fashion-MNIST: 40 MB), else encoded (ImageNet's
+  # validation set decoded at 224px would take 30 GB).
+  size, channels = input_config['image_size'], input_config['channels']
+  decoded_bytes = num_examples * size * size * channels * 4
+  if num_examples <= 50_000 and decoded_bytes > MAX_DECODED_CACHE_BYTES:
+    data = data.cache()
   data = data.map(lambda ex: {'image': eval_image(ex['image'], input_config),
                               'label': tf.cast(ex['label'], tf.int32)},
                   num_parallel_calls=tf.data.AUTOTUNE)
-  if num_examples <= 50_000:
+  if decoded_bytes <= MAX_DECODED_CACHE_BYTES:
     data = data.cache()
   local_batches = -(-num_examples // batch_size)
   return data.batch(batch_size).prefetch(tf.data.AUTOTUNE), _max_over_processes(local_batches)
+
+
+def first_images(builder: tfds.core.DatasetBuilder, split: str,
+                 input_config: Mapping[str, Any], count: int) -> np.ndarray:
+  """The first `count` images of `split` as evaluated, read by this process alone
+  (no collective: for pictures drawn on one host; any split spec, sliced or not)."""
+  data = encoded_examples(builder, split).take(count)
+  data = data.map(lambda ex: eval_image(ex['image'], input_config)).batch(count)
+  return next(data.as_numpy_iterator())
 
 
 def padded_batches(data: tf.data.Dataset, num_batches: int, batch_size: int) -> Iterator[dict]:

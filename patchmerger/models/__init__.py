@@ -54,8 +54,9 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
             if kind == 'tome' else ())
   attention = model_config.get('attention', 'auto')
   if attention == 'cudnn' and not attention_lib.cudnn_supports(DTYPES[dtype], 8):
-    raise ValueError(f"model.attention='cudnn' needs a GPU and model.dtype bfloat16 or "
-                     f"float16 (here: {jax.default_backend()}, {dtype}); use 'auto' or 'xla'.")
+    raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 "
+                     f"or newer and model.dtype bfloat16 or float16 (here: "
+                     f"{jax.local_devices()[0].device_kind}, {dtype}); use 'auto' or 'xla'.")
   return VisionTransformer(
       num_classes=num_classes,
       attention=attention,

@@ -19,26 +19,45 @@ Dtype = Any
 IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
 
 
+def gpu_compute_capability() -> Optional[tuple[int, int]]:
+  """(major, minor) of the first local device when it is an NVIDIA GPU, else None."""
+  device = jax.local_devices()[0]
+  capability = getattr(device, 'compute_capability', None)
+  if device.platform != 'gpu' or not capability or 'cuda' not in getattr(
+      device.client, 'platform_version', 'cuda').lower():
+    return None
+  return tuple(int(part) for part in str(capability).split('.')[:2])
+
+
 def cudnn_supports(dtype: Any, head_dim: int, has_bias: bool = False,
-                   backend: Optional[str] = None) -> bool:
-  """Whether cuDNN's fused attention takes these inputs: a GPU, bfloat16 or float16,
-  a head size that is a multiple of 8 up to 128 (256 on Hopper; 128 is safe), and,
-  for `auto`, no logit bias (with a bias, cuDNN's backward pass needs even token
-  counts, which a class token makes odd)."""
+                   backend: Optional[str] = None,
+                   compute_capability: Optional[tuple[int, int]] = None) -> bool:
+  """Whether cuDNN's fused attention takes these inputs: an NVIDIA GPU of compute
+  capability 8.0 or newer (Ampere, Hopper, ...; cuDNN's SDPA does not run on V100 or
+  T4), bfloat16 or float16, a head size that is a multiple of 8 up to 128 (256 on
+  Hopper; 128 is safe), and, for `auto`, no logit bias (with a bias, cuDNN's backward
+  pass needs even token counts, which a class token makes odd). `backend` and
+  `compute_capability` default to the first local device's."""
   backend = backend or jax.default_backend()
-  return (backend in ('gpu', 'cuda') and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if backend not in ('gpu', 'cuda'):
+    return False
+  capability = compute_capability or gpu_compute_capability()
+  return (capability is not None and capability >= (8, 0)
+          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128 and not has_bias)
 
 
 def choose_implementation(requested: Optional[str], dtype: Any, head_dim: int,
-                          has_bias: bool = False, backend: Optional[str] = None) -> str:
+                          has_bias: bool = False, backend: Optional[str] = None,
+                          compute_capability: Optional[tuple[int, int]] = None) -> str:
   """The `jax.nn.dot_product_attention` implementation for `requested`."""
   if requested in (None, 'xla'):
     return 'xla'
   if requested == 'cudnn':
     return 'cudnn'
   if requested == 'auto':
-    return 'cudnn' if cudnn_supports(dtype, head_dim, has_bias, backend) else 'xla'
+    return ('cudnn' if cudnn_supports(dtype, head_dim, has_bias, backend, compute_capability)
+            else 'xla')
   raise ValueError(f'model.attention must be one of {IMPLEMENTATIONS}, got {requested!r}')
 
 

@@ -31,6 +31,8 @@ def make_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.Checkp
 
 
 def checkpoint_dir(workdir: str) -> str:
+  if '://' in workdir:  # Object storage (gs://...): already absolute, not a local path.
+    return workdir.rstrip('/') + '/checkpoints'
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
 
@@ -78,6 +80,14 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def _out_of_memory(error: Exception) -> bool:
+  """Whether `error` is a lack of device or host memory: a fact about this machine,
+  not about the checkpoint, which must then stay where it is."""
+  text = str(error)
+  return (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in text
+          or 'out of memory' in text.lower())
+
+
 def _first_line(error: Exception) -> str:
   return f'{type(error).__name__}: {(str(error).splitlines() or [""])[0][:200]}'
 
@@ -90,6 +100,8 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   except CheckpointMismatchError:
     raise
   except Exception as e:  # Truncated or corrupted files.
+    if _out_of_memory(e):
+      raise
     readable = []
     for other in sorted(set(manager.all_steps()) - {step}):
       try:
@@ -132,6 +144,8 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Optional[Any]
     except CheckpointMismatchError:
       raise
     except Exception as e:  # Truncated or corrupted files: fall back, keep the evidence.
+      if _out_of_memory(e):  # Not the checkpoint's fault: stop, touching nothing.
+        raise
       moved_to = _set_aside(manager, step)
       logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '
                       'trying the previous one.', step, type(e).__name__,

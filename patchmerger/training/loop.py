@@ -137,16 +137,23 @@ def evaluate(eval_fn, params, eval_data, data_sharding, batch_size: int,
   return results
 
 
-def _setup(config: Any):
-  """Model, mesh, shardings and the initial (abstract-shaped) train state."""
+def _setup(config: Any, initialise: bool = True):
+  """Model, mesh, image shape, the initial train state and its shardings. With
+  `initialise=False` the state is abstract (shapes, dtypes and shardings only):
+  a checkpoint restores onto it without a fresh state beside it in device memory."""
   mesh = sharding.make_mesh(config.mesh)
   image_shape = (config.input.image_size, config.input.image_size, config.input.channels)
   model = build_model(config.model, config.num_classes)
   init_rng = jax.random.split(jax.random.key(config.seed))[0]
   create = functools.partial(state_lib.create_state, model, config, image_shape=image_shape)
-  state_sharding = sharding.fsdp_sharding(jax.eval_shape(create, init_rng), mesh,
+  abstract = jax.eval_shape(create, init_rng)
+  state_sharding = sharding.fsdp_sharding(abstract, mesh,
                                           config.mesh.get('fsdp_min_size', 2 ** 12))
-  state = jax.jit(create, out_shardings=state_sharding)(init_rng)
+  if initialise:
+    state = jax.jit(create, out_shardings=state_sharding)(init_rng)
+  else:
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         abstract, state_sharding)
   return model, mesh, image_shape, state, state_sharding
 
 
@@ -161,8 +168,9 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   first test images and exports the parameters as a public-layout `.npz`.
   Checkpoints are only read; every model parameter must come from them."""
   _check_config(config)
-  model, mesh, image_shape, state, state_sharding = _setup(config)
-  if source and os.path.isfile(source):  # Public-layout weights, fitted to the config.
+  from_npz = bool(source) and tf.io.gfile.exists(source) and not tf.io.gfile.isdir(source)
+  model, mesh, image_shape, state, state_sharding = _setup(config, initialise=from_npz)
+  if from_npz:  # Public-layout weights, fitted to the config.
     flat, layout = loading.load(source)
     params, report = loading.adapt(flat, state.params, has_cls=model.classifier == 'token',
                                    layout=layout.describe())
@@ -197,21 +205,20 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   if fewshot and config.get('fewshot'):
     results.update(evaluators.fewshot_eval(model, state.params, state_sharding.params, mesh,
                                            builder, config, local_batch))
+  if pictures_path or export_path:  # On every process: a collective when FSDP spans hosts.
+    params = sharding.to_host(state.params)
   if pictures_path and jax.process_index() == 0:
-    data, _ = input_pipeline.eval_dataset(builder, f'{config.test_split}[:4]', config.input, 4)
-    images = next(data.as_numpy_iterator())['image']
-    params = jax.device_get(state.params)
+    images = input_pipeline.first_images(builder, config.test_split, config.input, 4)
     weights = merge_pictures.merge_weights(model, params, images)
-    tf.io.gfile.makedirs(os.path.dirname(os.path.abspath(pictures_path)))
     merge_pictures.draw(images, weights, pictures_path, config.input.mean, config.input.std)
   if export_path and jax.process_index() == 0:
-    export.export_npz(jax.device_get(state.params), export_path)
+    export.export_npz(params, export_path)
   return results
 
 
 def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -> dict:
   """Trains (or resumes) `config` in `workdir`; returns the final metrics."""
-  tf.config.set_visible_devices([], 'GPU')  # tf.data must not grab accelerator memory.
+  input_pipeline.hide_gpus_from_tensorflow()
   _check_config(config)
   ensure_writable(workdir)  # Checks only; nothing is created before the weights fit.
   is_main = jax.process_index() == 0
@@ -220,7 +227,9 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
                jax.process_index(), jax.process_count())
   peak_tflops = utilisation.log_start(config)
 
-  model, mesh, image_shape, state, state_sharding = _setup(config)
+  resume = bool(loading.checkpoint_steps(workdir))
+  # Resuming restores onto an abstract state: a fresh one is made only if needed.
+  model, mesh, image_shape, state, state_sharding = _setup(config, initialise=not resume)
   data_sharding = sharding.batch_sharding(mesh)
   builder = builder or tfds.builder(config.dataset, data_dir=config.data_dir)
   local.check_num_classes(builder, config.num_classes)
@@ -228,9 +237,11 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   dropout_rng = jax.random.split(jax.random.key(config.seed))[1]
 
   manager, restored, init_report = None, None, None
-  if loading.checkpoint_steps(workdir):  # Resume.
+  if resume:
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     restored = checkpoint.restore_latest(manager, state)
+    if restored is None:  # Every checkpoint was unreadable (and set aside): start afresh.
+      state = _setup(config)[3]
   state = restored if restored is not None else state
   start_step = int(state.step)
   if restored is None and config.get('init_from'):  # Fine-tuning: start from weights.

@@ -4,14 +4,16 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+import tensorflow as tf
 from clu import metric_writers
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per write: {"step": N, "name": value, ...}."""
+  """Appends one JSON object per write: {"step": N, "name": value, ...}. Through
+  tf.io.gfile, so that a workdir on object storage (gs://...) works too."""
 
   def __init__(self, path: str):
-    self._file = open(path, 'a')
+    self._file = tf.io.gfile.GFile(path, 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {'step': int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -61,7 +63,7 @@ def read_metrics(workdir: str) -> list[dict]:
   after its checkpoint again (later records win); a line cut short by a hard
   kill is skipped."""
   records = []
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+  with tf.io.gfile.GFile(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
       try:
         records.append(json.loads(line))

@@ -51,6 +51,36 @@ def detected_cluster(coordinator_address: Optional[str] = None) -> Optional[str]
   return None
 
 
+def _visible_gpu_count(environ: Mapping[str, str]) -> int:
+  """NVIDIA GPUs this process may use, read without starting a JAX backend."""
+  visible = environ.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None:
+    return len([d for d in visible.split(',') if d.strip() and d.strip() != '-1'])
+  try:
+    return len(os.listdir('/proc/driver/nvidia/gpus'))
+  except OSError:
+    return 0
+
+
+def local_device_ids(environ: Mapping[str, str] = os.environ,
+                     gpu_count: Optional[int] = None) -> Optional[list[int]]:
+  """The GPUs for jax.distributed when this is the only SLURM or Open MPI task on
+  its host, else None (jax's choice). jax would pin every task of such a cluster
+  to the one GPU numbered like its local rank: one task per node on an 8-GPU
+  node would train on GPU 0 alone (jax-ml/jax#16788). $JAX_LOCAL_DEVICE_IDS wins."""
+  if environ.get('JAX_LOCAL_DEVICE_IDS'):
+    return None
+  if 'OMPI_COMM_WORLD_LOCAL_SIZE' in environ:
+    tasks_here = environ['OMPI_COMM_WORLD_LOCAL_SIZE']
+  else:  # SLURM: '8', or '8(x4)' / '2(x3),1' for several nodes; this job's first.
+    tasks_here = (environ.get('SLURM_STEP_TASKS_PER_NODE')
+                  or environ.get('SLURM_TASKS_PER_NODE') or '').split('(')[0].split(',')[0]
+  if tasks_here.strip() != '1':
+    return None
+  count = _visible_gpu_count(environ) if gpu_count is None else gpu_count
+  return list(range(count)) if count > 1 else None
+
+
 def parse_distributed(value: Union[bool, str]) -> Union[bool, str]:
   """True, False or 'auto' from a bool or a command-line string."""
   text = str(value).strip().lower()
@@ -88,7 +118,8 @@ def maybe_initialize_distributed(requested: Union[bool, str],
   # TPUs ignore this setting.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids())
   except ValueError as e:  # Nothing described the cluster.
     raise RuntimeError(
         f'config.distributed=True but no cluster was found ({e}). On one host use '
@@ -153,6 +184,15 @@ def bytes_per_device(tree: Any) -> int:
   device = jax.devices()[0]
   return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
              for shard in leaf.addressable_shards if shard.device == device)
+
+
+def to_host(tree: Any) -> Any:
+  """`tree` as numpy arrays, whole, on every process. Arrays that span several
+  hosts (FSDP over hosts) are gathered: then every process must call this."""
+  if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # Only needed on several hosts.
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:

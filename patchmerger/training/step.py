@@ -24,6 +24,15 @@ def classification_loss(logits: jax.Array, labels: jax.Array, kind: str,
   raise ValueError(f"loss must be 'softmax_xent' or 'sigmoid_xent', got {kind!r}")
 
 
+def split_micro_batches(batch: Mapping[str, jax.Array], accum_steps: int) -> dict:
+  """[accum_steps, batch / accum_steps, ...] with micro-batch i made of examples
+  i, i + A, i + 2A, ... (strided): each device's contiguous rows of a sharded batch
+  feed every micro-batch. Contiguous micro-batches would each sit on 1/A of the
+  devices, and XLA would gather them there and repeat the work A times."""
+  return jax.tree.map(lambda x: jnp.swapaxes(
+      x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                loss: str, label_smoothing: float, accum_steps: int) -> tuple[TrainState, dict]:
   """One optimizer update on `batch`, split into `accum_steps` micro-batches."""
@@ -40,8 +49,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   if accum_steps == 1:
     (loss_value, accuracy), grads = grad_fn(state.params, batch, rng)
   else:
-    micro_batches = jax.tree.map(
-        lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+    micro_batches = split_micro_batches(batch, accum_steps)
 
     def accumulate(carry, inputs):
       index, micro = inputs
