@@ -104,6 +104,13 @@ def test_eight_devices_match_one_device(tmp_path):
   memory = {name: [r['memory/state_mib_per_device'] for r in metrics.read_metrics(
       str(tmp_path / name)) if 'memory/state_mib_per_device' in r][0] for name in ('eight', 'fsdp')}
   assert memory['fsdp'] < 0.5 * memory['eight'], memory
+  # A checkpoint written by 8 devices, parameters sharded 4 ways, loads as weights
+  # (init_from, export) in this 1-device process.
+  from patchmerger.checkpoints import loading
+  sharded, _ = loading.load(str(tmp_path / 'fsdp'))
+  replicated, _ = loading.load(str(tmp_path / 'eight'))
+  assert sharded.keys() == replicated.keys() and all(
+      v.shape == replicated[k].shape for k, v in sharded.items())
 
 
 def test_micro_batches_are_strided_so_every_device_feeds_each():

@@ -85,7 +85,17 @@ def load_orbax_params(workdir: str, step: Optional[int] = None) -> Flat:
       options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers=ocp.StandardCheckpointHandler())
   try:
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    # Onto one host device, whatever devices wrote it: without a target, orbax would
+    # rebuild the writer's shardings, and fail on any other device count.
+    metadata = manager.item_metadata(step)
+    metadata = getattr(metadata, 'tree', metadata)
+    try:
+      host = jax.local_devices(backend='cpu')[0]
+    except RuntimeError:  # No CPU backend (JAX_PLATFORMS=cuda): the first device.
+      host = jax.local_devices()[0]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+        m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(host)), metadata)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   finally:
     manager.close()
   return flatten(restored['params'])

@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -146,7 +147,20 @@ def check_num_classes(builder: tfds.core.DatasetBuilder, num_classes: int) -> No
 
 def ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   """The dataset's builder, preparing it offline where we can (and letting TFDS
-  download the datasets that download by themselves); else one clear error."""
+  download the datasets that download by themselves); else one clear error.
+
+  With several processes, process 0 prepares first while the others wait: TFDS
+  preparation is not safe for several writers of one directory. Then the others
+  find it prepared (shared storage) or prepare their own copy (local disks)."""
+  if jax.process_count() == 1:
+    return _ensure_prepared(name, data_dir)
+  from jax.experimental import multihost_utils
+  builder = _ensure_prepared(name, data_dir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f'dataset {name} prepared')
+  return builder if builder is not None else _ensure_prepared(name, data_dir)
+
+
+def _ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   if name.startswith('folder:'):
     return _prepare_folder(name, data_dir)
   where = data_dir or tfds.core.constants.DATA_DIR

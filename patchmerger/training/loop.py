@@ -172,7 +172,8 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   model, mesh, image_shape, state, state_sharding = _setup(config, initialise=from_npz)
   if from_npz:  # Public-layout weights, fitted to the config.
     flat, layout = loading.load(source)
-    params, report = loading.adapt(flat, state.params, has_cls=model.classifier == 'token',
+    params, report = loading.adapt(flat, sharding.to_host(state.params),
+                                   has_cls=model.classifier == 'token',
                                    layout=layout.describe())
     report.log()
     if report.new or report.reinitialised:
@@ -246,8 +247,8 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   start_step = int(state.step)
   if restored is None and config.get('init_from'):  # Fine-tuning: start from weights.
     flat, layout = loading.load(config.init_from)
-    params, init_report = loading.adapt(
-        flat, state.params, has_cls=model.classifier == 'token',
+    params, init_report = loading.adapt(  # to_host: FSDP may span hosts.
+        flat, sharding.to_host(state.params), has_cls=model.classifier == 'token',
         dont_load=tuple(config.get('init_dont_load', ())),
         strict=config.get('init_strict', True), layout=layout.describe())
     init_report.log()
@@ -268,7 +269,10 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   counts = flops.count_params(state.params)
   gflops = flops.measured_gflops(model, image_shape)
   if start_step == 0:
-    logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(state.params))
+    # Statistics need the values on this host: not where FSDP spans hosts.
+    addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+    logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
+        state.params, include_stats=addressable))
   logging.info('Model: %s params (%d in mergers, %.3f%%), %.4f GFLOPs/image, mergers %s',
                f'{counts["total"]:,}', counts['merger'],
                100 * counts['merger'] / counts['total'], gflops, model.mergers)
