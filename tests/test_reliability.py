@@ -137,6 +137,17 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
   _assert_identical(_saved_state(tmp_path, 6), good_final)
 
 
+def test_every_checkpoint_unreadable_starts_afresh_and_keeps_them(tmp_path, caplog):
+  config = tiny.tiny_config(total_steps=3, checkpoint_every=3, eval_every=3)
+  first = tiny.run(str(tmp_path / 'first'), config)
+  tiny.run(str(tmp_path), config)
+  _corrupt(tmp_path / 'checkpoints' / '3')
+  summary = tiny.run(str(tmp_path), config)  # Resume finds nothing readable.
+  assert 'Checkpoint at step 3 is unreadable' in caplog.text
+  assert os.path.isdir(tmp_path / 'checkpoints_unreadable' / '3')
+  assert summary['step'] == 3 and summary['test/accuracy'] == first['test/accuracy']
+
+
 def test_out_of_memory_on_resume_keeps_every_checkpoint(tmp_path, monkeypatch):
   """Running out of memory says nothing about the checkpoint: nothing is set aside
   and the run does not restart from step 0."""
@@ -229,7 +240,7 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
 
 def test_checkpoints_restore_without_pickle(tmp_path, monkeypatch):
   config = tiny.tiny_config()
-  *_, state, _ = loop._setup(config)
+  state = loop._setup(config)[3]
   manager = checkpoint.make_manager(str(tmp_path), 1)
   checkpoint.save(manager, 1, state)
   manager.wait_until_finished()

@@ -138,9 +138,10 @@ def evaluate(eval_fn, params, eval_data, data_sharding, batch_size: int,
 
 
 def _setup(config: Any, initialise: bool = True):
-  """Model, mesh, image shape, the initial train state and its shardings. With
-  `initialise=False` the state is abstract (shapes, dtypes and shardings only):
-  a checkpoint restores onto it without a fresh state beside it in device memory."""
+  """Model, mesh, image shape, the initial train state, its shardings and a function
+  that makes the initial state. With `initialise=False` the state is abstract
+  (shapes, dtypes and shardings only): a checkpoint restores onto it without a
+  fresh state beside it in device memory."""
   mesh = sharding.make_mesh(config.mesh)
   image_shape = (config.input.image_size, config.input.image_size, config.input.channels)
   model = build_model(config.model, config.num_classes)
@@ -149,12 +150,15 @@ def _setup(config: Any, initialise: bool = True):
   abstract = jax.eval_shape(create, init_rng)
   state_sharding = sharding.fsdp_sharding(abstract, mesh,
                                           config.mesh.get('fsdp_min_size', 2 ** 12))
+  # The same `create`: its traced output (optimizer included) is the one the
+  # shardings were made from.
+  make_state = lambda: jax.jit(create, out_shardings=state_sharding)(init_rng)
   if initialise:
-    state = jax.jit(create, out_shardings=state_sharding)(init_rng)
+    state = make_state()
   else:
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract, state_sharding)
-  return model, mesh, image_shape, state, state_sharding
+  return model, mesh, image_shape, state, state_sharding, make_state
 
 
 def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBuilder,
@@ -169,7 +173,7 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   Checkpoints are only read; every model parameter must come from them."""
   _check_config(config)
   from_npz = bool(source) and tf.io.gfile.exists(source) and not tf.io.gfile.isdir(source)
-  model, mesh, image_shape, state, state_sharding = _setup(config, initialise=from_npz)
+  model, mesh, image_shape, state, state_sharding, _ = _setup(config, initialise=from_npz)
   if from_npz:  # Public-layout weights, fitted to the config.
     flat, layout = loading.load(source)
     params, report = loading.adapt(flat, sharding.to_host(state.params),
@@ -230,7 +234,8 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
 
   resume = bool(loading.checkpoint_steps(workdir))
   # Resuming restores onto an abstract state: a fresh one is made only if needed.
-  model, mesh, image_shape, state, state_sharding = _setup(config, initialise=not resume)
+  model, mesh, image_shape, state, state_sharding, make_state = _setup(
+      config, initialise=not resume)
   data_sharding = sharding.batch_sharding(mesh)
   builder = builder or tfds.builder(config.dataset, data_dir=config.data_dir)
   local.check_num_classes(builder, config.num_classes)
@@ -242,7 +247,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
     manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
     restored = checkpoint.restore_latest(manager, state)
     if restored is None:  # Every checkpoint was unreadable (and set aside): start afresh.
-      state = _setup(config)[3]
+      state = make_state()
   state = restored if restored is not None else state
   start_step = int(state.step)
   if restored is None and config.get('init_from'):  # Fine-tuning: start from weights.
