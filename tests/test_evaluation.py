@@ -92,3 +92,4 @@ def test_fewshot_pool_is_clipped_to_small_splits():
       num_examples=1437)}))
   assert evaluators._head(builder, 'train', 2000) == 'train'
   assert evaluators._head(builder, 'train', 100) == 'train[:100]'
+  assert evaluators._head(builder, 'train[99%:]', 100) == 'train[99%:]'  # Used whole.

@@ -12,10 +12,12 @@ from patchmerger.training import sharding
 
 
 def features_fn(model: Any, params_sharding: Any, data_sharding: Any):
-  """Jitted images -> pre-logits (the features the head reads)."""
-  def features(params, images):
-    _, state = model.apply({'params': params}, images, mutable=['intermediates'])
-    return state['intermediates']['features'][0]
+  """Jitted batch -> (pre-logits, the features the head reads; labels; mask), all
+  three sharded alike, so that gathering them across hosts keeps them paired
+  whatever order the hosts' devices have in the mesh."""
+  def features(params, batch):
+    _, state = model.apply({'params': params}, batch['image'], mutable=['intermediates'])
+    return state['intermediates']['features'][0], batch['label'], batch['mask']
   return jax.jit(features, in_shardings=(params_sharding, data_sharding))
 
 
@@ -23,22 +25,18 @@ def _features(fn, params, builder, split: str, input_config, batch_size: int, da
   data, num_batches = input_pipeline.eval_dataset(builder, split, input_config, batch_size)
   outputs, labels = [], []
   for local in input_pipeline.padded_batches(data, num_batches, batch_size):
-    out = fn(params, sharding.global_batch({'image': local['image']}, data_sharding)['image'])
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      out = multihost_utils.process_allgather(out, tiled=True)
-      mask = multihost_utils.process_allgather(local['mask'], tiled=True)
-      label = multihost_utils.process_allgather(local['label'], tiled=True)
-    else:
-      mask, label = local['mask'], local['label']
+    out, label, mask = sharding.to_host(fn(params, sharding.global_batch(local, data_sharding)))
     keep = np.asarray(mask).astype(bool)
-    outputs.append(np.asarray(jax.device_get(out))[keep])
+    outputs.append(np.asarray(out)[keep])
     labels.append(np.asarray(label)[keep])
   return np.concatenate(outputs), np.concatenate(labels)
 
 
 def _head(builder: tfds.core.DatasetBuilder, split: str, count: int) -> str:
-  """The first `count` examples of `split` (all of it when it is smaller)."""
+  """The first `count` examples of `split` (all of it when it is smaller). A split
+  that is already sliced ('full[:51200]') is used whole: TFDS cannot slice it again."""
+  if '[' in split:
+    return split
   try:
     available = builder.info.splits[split].num_examples
   except KeyError:  # Split sizes unknown (e.g. TFDS mock data): slice by count.
