@@ -73,8 +73,9 @@ def main(argv):
         print(sweep.train_command(config_arg, base_flags,
                                   os.path.join(root, sweep.run_name(overrides)), overrides))
       return
-    from patchmerger.data import local
+    from patchmerger.data import input_pipeline, local
     from patchmerger.training import loop
+    input_pipeline.hide_gpus_from_tensorflow()  # Before TensorFlow makes any tensor.
     builder = local.ensure_prepared(config.dataset, config.data_dir)
     rows = sweep.run_sweep(config, root, runs,
                            train_fn=lambda c, w: loop.train(c, w, builder),

@@ -61,7 +61,9 @@ fi
 batch_of() { [[ $1 == L/* && -z "${GPU_CHECK_TINY:-}" ]] && echo $((BATCH / 2)) || echo "$BATCH"; }
 BENCH=("$PYTHON" benchmarks/throughput.py --image_size="$SIZE" --dtype=bfloat16
        --classifier=token --repeats="$REPEATS" --calls="$CALLS")
-DEADLINE=${GPU_CHECK_SECONDS:-470}  # The whole check, machine start-up aside.
+# The steps before the report; with the report, the kill grace of the last step and
+# the floor of 10 s per step, the whole check stays under 8 minutes.
+DEADLINE=${GPU_CHECK_SECONDS:-420}
 cap() {  # The seconds a step may take: its own cap, or what is left of the deadline.
   local left=$((DEADLINE - (SECONDS - START)))
   (( left < $1 )) && echo $(( left > 10 ? left : 10 )) || echo "$1"
@@ -75,8 +77,8 @@ ours() {  # ours NAME CAP ARGS...: one benchmark process (its memory is gone aft
 }
 
 log 'device summary'
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-  "$PYTHON" -c "import jax; from patchmerger.training import utilisation as u
+{ timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  timeout -k 5 60 "$PYTHON" -c "import jax; from patchmerger.training import utilisation as u
 print('jax', jax.__version__); print(u.device_summary()); print('peak %.3g TFLOP/s (%s)' % u.peak_tflops())"
 } >"$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
@@ -135,7 +137,7 @@ ours "${MODELS[0]//\//_}_batches" 150 --variants="${MODELS[0]}" --mergers=none \
 log 'report'
 parts=(); for f in "$OUT"/ours_*.json "$OUT"/hf_*.json; do [[ -s "$f" ]] && parts+=("$f"); done
 if (( ${#parts[@]} )); then
-  timeout 60 "$PYTHON" benchmarks/throughput.py --report="$(IFS=,; echo "${parts[*]}")" \
+  timeout -k 5 30 "$PYTHON" benchmarks/throughput.py --report="$(IFS=,; echo "${parts[*]}")" \
       --markdown="$OUT/tables.md" >/dev/null 2>"$OUT/report.txt"
 fi
 "$PYTHON" - "$OUT" "${parts[@]}" <<'EOF'

@@ -9,6 +9,7 @@ import pytest
 from configs import common
 from patchmerger.checkpoints import loading
 from patchmerger.models import VisionTransformer, build_model
+from patchmerger.models import attention
 from patchmerger.models.attention import MultiHeadAttention, choose_implementation
 
 
@@ -45,8 +46,9 @@ def test_auto_picks_cudnn_only_where_it_applies():
   assert choose_implementation('auto', bf16, 64, backend='cpu') == 'xla'
   assert choose_implementation('auto', bf16, 64, backend='tpu') == 'xla'
   # A 'gpu' backend whose device reports no CUDA capability (here: a CPU) is not taken.
+  capability = attention.gpu_compute_capability()
   assert choose_implementation('auto', bf16, 64, backend='gpu') == (
-      'cudnn' if jax.default_backend() == 'gpu' else 'xla')
+      'cudnn' if capability and capability >= (8, 0) else 'xla')
   assert choose_implementation('cudnn', f32, 64, backend='cpu') == 'cudnn'  # As asked.
   with pytest.raises(ValueError, match='model.attention'):
     choose_implementation('flash', bf16, 64)

@@ -88,6 +88,10 @@ def test_one_slurm_task_per_host_keeps_every_gpu(calls, monkeypatch):
     ({'SLURM_TASKS_PER_NODE': '1', 'JAX_LOCAL_DEVICE_IDS': '0'}, 8, None),  # The user's.
     ({'SLURM_TASKS_PER_NODE': '1'}, 1, None),  # One GPU or none: nothing to choose.
     ({'SLURM_TASKS_PER_NODE': '1', 'CUDA_VISIBLE_DEVICES': '3,5'}, None, [0, 1]),
+    ({'SLURM_TASKS_PER_NODE': '1(x2),1'}, 4, [0, 1, 2, 3]),
+    ({'SLURM_TASKS_PER_NODE': '1,2(x3)'}, 4, None),  # Some nodes run two: jax's rule.
+    ({'SLURM_TASKS_PER_NODE': '2(x3),1'}, 4, None),
+    ({'SLURM_TASKS_PER_NODE': '1', 'CUDA_VISIBLE_DEVICES': '0,-1,1'}, None, None),  # One GPU.
     ({}, 8, None),  # No SLURM or Open MPI task.
 ])
 def test_local_device_ids(environ, gpus, expected):

@@ -158,7 +158,8 @@ def test_out_of_memory_on_resume_keeps_every_checkpoint(tmp_path, monkeypatch):
     raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB')
 
   monkeypatch.setattr(checkpoint, 'restore', out_of_memory)
-  with pytest.raises(RuntimeError, match='RESOURCE_EXHAUSTED'):
+  with pytest.raises(checkpoint.OutOfMemoryOnRestore,
+                     match=r'checkpoints/3 ran out of memory \(RuntimeError: RESOURCE_EXHAUSTED'):
     tiny.run(str(tmp_path), tiny.tiny_config(total_steps=6, checkpoint_every=3, eval_every=3))
   assert not os.path.exists(tmp_path / 'checkpoints_unreadable')
   assert os.path.isdir(tmp_path / 'checkpoints' / '3')

@@ -32,6 +32,7 @@ def hide_gpus_from_tensorflow() -> None:
       logging.warning('TensorFlow sees a GPU and can no longer be kept off it (%s); '
                       'tf.data may take accelerator memory.', e)
 
+
 def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
   """JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, channels] (gray <-> RGB converted)."""
   image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)

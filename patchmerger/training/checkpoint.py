@@ -88,6 +88,20 @@ def _out_of_memory(error: Exception) -> bool:
           or 'out of memory' in text.lower())
 
 
+class OutOfMemoryOnRestore(RuntimeError):
+  """Restoring a checkpoint ran out of memory; the checkpoint was left in place."""
+
+
+def _refuse_out_of_memory(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  """Raises OutOfMemoryOnRestore, naming the checkpoint, when `error` is a lack of memory."""
+  if _out_of_memory(error):
+    where = os.path.join(str(manager.directory), str(step))
+    raise OutOfMemoryOnRestore(
+        f'Restoring checkpoint {where} ran out of memory ({_first_line(error)}); it was left '
+        'in place. Free memory or use more devices (mesh.fsdp); if the checkpoint itself is '
+        'damaged, move it out of the checkpoints directory and rerun.') from error
+
+
 def _first_line(error: Exception) -> str:
   return f'{type(error).__name__}: {(str(error).splitlines() or [""])[0][:200]}'
 
@@ -100,8 +114,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   except CheckpointMismatchError:
     raise
   except Exception as e:  # Truncated or corrupted files.
-    if _out_of_memory(e):
-      raise
+    _refuse_out_of_memory(manager, step, e)
     readable = []
     for other in sorted(set(manager.all_steps()) - {step}):
       try:
@@ -144,8 +157,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Optional[Any]
     except CheckpointMismatchError:
       raise
     except Exception as e:  # Truncated or corrupted files: fall back, keep the evidence.
-      if _out_of_memory(e):  # Not the checkpoint's fault: stop, touching nothing.
-        raise
+      _refuse_out_of_memory(manager, step, e)  # Not the checkpoint's fault: stop.
       moved_to = _set_aside(manager, step)
       logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it to %s and '
                       'trying the previous one.', step, type(e).__name__,

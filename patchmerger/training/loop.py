@@ -150,9 +150,10 @@ def _setup(config: Any, initialise: bool = True):
   abstract = jax.eval_shape(create, init_rng)
   state_sharding = sharding.fsdp_sharding(abstract, mesh,
                                           config.mesh.get('fsdp_min_size', 2 ** 12))
-  # The same `create`: its traced output (optimizer included) is the one the
-  # shardings were made from.
-  make_state = lambda: jax.jit(create, out_shardings=state_sharding)(init_rng)
+
+  def make_state():  # The same `create`: jit reuses the trace the shardings came from.
+    return jax.jit(create, out_shardings=state_sharding)(init_rng)
+
   if initialise:
     state = make_state()
   else:
@@ -274,10 +275,10 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   counts = flops.count_params(state.params)
   gflops = flops.measured_gflops(model, image_shape)
   if start_step == 0:
-    # Statistics need the values on this host: not where FSDP spans hosts.
+    # Arrays on several hosts: statistics computed by a jitted collective (all processes).
     addressable = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
     logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
-        state.params, include_stats=addressable))
+        state.params, include_stats=True if addressable else 'global'))
   logging.info('Model: %s params (%d in mergers, %.3f%%), %.4f GFLOPs/image, mergers %s',
                f'{counts["total"]:,}', counts['merger'],
                100 * counts['merger'] / counts['total'], gflops, model.mergers)

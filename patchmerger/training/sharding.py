@@ -54,8 +54,9 @@ def detected_cluster(coordinator_address: Optional[str] = None) -> Optional[str]
 def _visible_gpu_count(environ: Mapping[str, str]) -> int:
   """NVIDIA GPUs this process may use, read without starting a JAX backend."""
   visible = environ.get('CUDA_VISIBLE_DEVICES')
-  if visible is not None:
-    return len([d for d in visible.split(',') if d.strip() and d.strip() != '-1'])
+  if visible is not None:  # CUDA stops at the first invalid entry, e.g. -1.
+    ids = [d.strip() for d in visible.split(',')]
+    return len(ids[:ids.index('-1')] if '-1' in ids else [d for d in ids if d])
   try:
     return len(os.listdir('/proc/driver/nvidia/gpus'))
   except OSError:
@@ -71,11 +72,13 @@ def local_device_ids(environ: Mapping[str, str] = os.environ,
   if environ.get('JAX_LOCAL_DEVICE_IDS'):
     return None
   if 'OMPI_COMM_WORLD_LOCAL_SIZE' in environ:
-    tasks_here = environ['OMPI_COMM_WORLD_LOCAL_SIZE']
-  else:  # SLURM: '8', or '8(x4)' / '2(x3),1' for several nodes; this job's first.
-    tasks_here = (environ.get('SLURM_STEP_TASKS_PER_NODE')
-                  or environ.get('SLURM_TASKS_PER_NODE') or '').split('(')[0].split(',')[0]
-  if tasks_here.strip() != '1':
+    one_task_here = environ['OMPI_COMM_WORLD_LOCAL_SIZE'].strip() == '1'
+  else:  # SLURM: '8', '1(x4)' or '2(x3),1' (tasks per node, node by node): all ones.
+    per_node = (environ.get('SLURM_STEP_TASKS_PER_NODE')
+                or environ.get('SLURM_TASKS_PER_NODE') or '')
+    one_task_here = bool(per_node) and all(
+        part.split('(')[0].strip() == '1' for part in per_node.split(','))
+  if not one_task_here:
     return None
   count = _visible_gpu_count(environ) if gpu_count is None else gpu_count
   return list(range(count)) if count > 1 else None
