@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from patchmerger.data import input_pipeline, local
@@ -159,15 +160,27 @@ def test_eval_batches_cover_the_split_once_with_padding(prepared):
   assert masks.sum() == 20 and list(masks[20:]) == [0] * 4
 
 
-def test_eval_batches_are_the_same_whether_cached_decoded_or_encoded(prepared, monkeypatch):
-  """Small splits are kept decoded in host memory; big ones (ImageNet's validation
-  set would take 30 GB decoded) are kept encoded and decoded at each pass."""
-  decoded, _ = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 8)
-  monkeypatch.setattr(input_pipeline, 'MAX_DECODED_CACHE_BYTES', 0)
-  encoded, _ = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 8)
-  for _ in range(2):  # The second pass reads the cache.
-    for a, b in zip(decoded.as_numpy_iterator(), encoded.as_numpy_iterator(), strict=True):
+@pytest.mark.parametrize('max_decoded_bytes,decodes', [(2 ** 30, 20), (0, 40)])
+def test_eval_split_is_cached_decoded_only_when_small(prepared, monkeypatch, max_decoded_bytes,
+                                                      decodes):
+  """Small splits are kept decoded in host memory: two passes decode the 20 images
+  once. Big ones (ImageNet's validation set would take 30 GB decoded) are kept
+  encoded and decoded at every pass. The images are the same either way."""
+  reference, _ = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 8)
+  count = []
+  eval_image = input_pipeline.eval_image
+
+  def counted(encoded, input_config):
+    tf.py_function(lambda: count.append(1) or 0, [], tf.int32)
+    return eval_image(encoded, input_config)
+
+  monkeypatch.setattr(input_pipeline, 'eval_image', counted)
+  monkeypatch.setattr(input_pipeline, 'MAX_DECODED_CACHE_BYTES', max_decoded_bytes)
+  data, _ = input_pipeline.eval_dataset(prepared[0], 'test', INPUT, 8)
+  for _ in range(2):
+    for a, b in zip(reference.as_numpy_iterator(), data.as_numpy_iterator(), strict=True):
       np.testing.assert_array_equal(a['image'], b['image'])
+  assert len(count) == decodes
 
 
 def test_first_images_take_any_split_spec(prepared):
