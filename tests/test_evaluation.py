@@ -74,7 +74,7 @@ def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
   assert from_npz['test/accuracy'] == results['test/accuracy']
   # The exported weights reproduce the checkpoint's logits.
   model = build_model(config.model, 10)
-  state = loop._setup(config)[3]
+  state = loop._setup(config).state
   from patchmerger.training import checkpoint
   restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 5), 3, state)
   flat, _ = loading.load(str(tmp_path / 'w.npz'))

@@ -241,7 +241,7 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
 
 def test_checkpoints_restore_without_pickle(tmp_path, monkeypatch):
   config = tiny.tiny_config()
-  state = loop._setup(config)[3]
+  state = loop._setup(config).state
   manager = checkpoint.make_manager(str(tmp_path), 1)
   checkpoint.save(manager, 1, state)
   manager.wait_until_finished()

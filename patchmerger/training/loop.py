@@ -5,7 +5,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +137,16 @@ def evaluate(eval_fn, params, eval_data, data_sharding, batch_size: int,
   return results
 
 
-def _setup(config: Any, initialise: bool = True):
+class Setup(NamedTuple):
+  model: Any
+  mesh: Any
+  image_shape: tuple[int, ...]
+  state: Any  # The initial train state, or its abstract shapes and shardings.
+  state_sharding: Any
+  make_state: Callable[[], Any]  # Makes the initial state (in its shardings).
+
+
+def _setup(config: Any, initialise: bool = True) -> Setup:
   """Model, mesh, image shape, the initial train state, its shardings and a function
   that makes the initial state. With `initialise=False` the state is abstract
   (shapes, dtypes and shardings only): a checkpoint restores onto it without a
@@ -159,7 +168,7 @@ def _setup(config: Any, initialise: bool = True):
   else:
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract, state_sharding)
-  return model, mesh, image_shape, state, state_sharding, make_state
+  return Setup(model, mesh, image_shape, state, state_sharding, make_state)
 
 
 def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBuilder,
