@@ -83,7 +83,7 @@ def load_orbax_params(workdir: str, step: Optional[int] = None) -> Flat:
   manager = ocp.CheckpointManager(
       directory if '://' in workdir else directory.resolve(),
       options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers=ocp.StandardCheckpointHandler())
+      item_handlers=ocp.PyTreeCheckpointHandler())
   try:
     # Onto one host device, whatever devices wrote it: without a target, orbax would
     # rebuild the writer's shardings, and fail on any other device count.
@@ -93,9 +93,13 @@ def load_orbax_params(workdir: str, step: Optional[int] = None) -> Flat:
       host = jax.local_devices(backend='cpu')[0]
     except RuntimeError:  # No CPU backend (JAX_PLATFORMS=cuda): the first device.
       host = jax.local_devices()[0]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-        m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(host)), metadata)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    on_host = jax.sharding.SingleDeviceSharding(host)
+    # Only the parameters are read: the optimizer's moments (twice their size) stay on disk.
+    target = {'params': jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host), metadata['params'])}
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
   finally:
     manager.close()
   return flatten(restored['params'])
