@@ -1,8 +1,7 @@
 """Few-shot linear probes on frozen pre-logits, as in the ViT papers: k examples
 per class, closed-form ridge regression to ±1 targets, accuracy on held-out data."""
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import jax
 import numpy as np
 
 
@@ -27,16 +26,6 @@ def ridge_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   regulariser[-1, -1] = 0.  # Do not shrink the bias.
   weights = np.linalg.solve(x.T @ x + regulariser, x.T @ targets)
   return float(np.mean(np.argmax(design(test_x) @ weights, axis=1) == test_y))
-
-
-def extract_features(features_fn: Callable[[Any], Any], batches) -> tuple[np.ndarray, np.ndarray]:
-  """Runs `features_fn(images)` over numpy batches {'image', 'label'[, 'mask']}."""
-  features, labels = [], []
-  for batch in batches:
-    keep = batch['mask'].astype(bool) if 'mask' in batch else slice(None)
-    features.append(np.asarray(jax.device_get(features_fn(batch['image'])))[keep])
-    labels.append(np.asarray(batch['label'])[keep])
-  return np.concatenate(features), np.concatenate(labels)
 
 
 def fewshot_accuracies(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
