@@ -64,8 +64,12 @@ def reducer_config(kind: str = 'patchmerger') -> ml_collections.ConfigDict:
   patchmerger, tokenlearner and pool; tome uses r and start_block instead."""
   return ml_collections.ConfigDict(dict(
       kind=kind.strip().lower(),       # patchmerger | tokenlearner | pool | tome | none
-      r=config_dict.FieldReference(0, field_type=object),  # tome: int, or one per block
-      start_block=0,                   # tome: first block that merges
+      # ToMe (patchmerger/models/tome.py), read as the authors' parse_r reads r:
+      r=config_dict.FieldReference(0, field_type=object),  # int, or a list per block
+      inflection=0.0,                  # with an int r: -1 decreasing .. 0 constant .. +1
+      start_block=0,                   # blocks before it merge nothing
+      proportional_attention=True,     # log(size) on the attention logits
+      size_weighted_gap=False,         # GAP weights tokens by size (ToMe's MAE patch)
   ))
 
 

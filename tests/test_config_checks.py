@@ -62,3 +62,18 @@ def test_negative_shots_are_refused():
   config.fewshot.shots = (1, 0)
   with pytest.raises(ValueError, match=r'config.fewshot.shots must all be >= 1'):
     config_checks.check_ranges(config)
+
+
+@pytest.mark.parametrize('reducer', [dict(kind='tome'), dict(kind='tome', r=[0, 0]),
+                                     dict(kind='tome', r=[2], start_block=1)])
+def test_tome_that_would_merge_nothing_is_one_error_line(reducer, capsys):
+  config = tiny.tiny_config()
+  config.model.merger = None
+  config.model.reducer.update(reducer)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_reporting_errors(lambda: loop.validate(config))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'model.reducer.kind=tome merges nothing' in err
+  config.model.reducer.update(r=2, start_block=1)  # Merges in block 1: accepted.
+  loop.validate(config)

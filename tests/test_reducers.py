@@ -158,17 +158,6 @@ def test_tome_model_jits_with_static_shapes_carries_sizes_and_trains(classifier)
     assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(block_grads))) > 0, block
 
 
-def test_tome_schedule():
-  assert tome.schedule(2, 0, 4) == (2, 2, 2, 2)
-  assert tome.schedule(2, 2, 4) == (0, 0, 2, 2)
-  assert tome.schedule([1, 2, 3, 4], 1, 4) == (0, 2, 3, 4)
-  for bad, message in [([1, 2], 'one per block'), (-1, '>= 0'), ('x', 'int or a list')]:
-    with pytest.raises(ValueError, match=message):
-      tome.schedule(bad, 0, 4)
-  with pytest.raises(ValueError, match='start_block'):
-    tome.schedule(1, 4, 4)
-
-
 # TokenLearner and pooling.
 
 def test_tokenlearner_weights_are_a_softmax_over_the_inputs():
@@ -183,6 +172,35 @@ def test_tokenlearner_weights_are_a_softmax_over_the_inputs():
   assert np.all(weights > 0)
   np.testing.assert_allclose(weights.sum(-1), 1, rtol=1e-6)
   np.testing.assert_allclose(out, jnp.einsum('bmn,bnd->bmd', weights, x), rtol=1e-5, atol=1e-6)
+
+
+def test_tokenlearner_scoring_mlp_starts_and_drops_out_as_scenics():
+  # scenic's MlpBlock: xavier-uniform kernels, normal(1e-6) biases, dropout after the GELU
+  # and after the output, at the encoder's rate.
+  x = jnp.asarray(RNG.standard_normal((4, 50, 96)), jnp.float32)
+  learner = TokenLearner(num_tokens=8, dropout_rate=0.5)
+  params = learner.init(jax.random.key(0), x)['params']
+  for name, fan_in, fan_out in (('Dense_0', 96, 64), ('Dense_1', 64, 8)):
+    kernel, bias = np.asarray(params[name]['kernel']), np.asarray(params[name]['bias'])
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+    np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3), rtol=0.1)
+    assert 0 < np.abs(bias).max() < 1e-5
+  evaluate = learner.apply({'params': params}, x)
+  np.testing.assert_array_equal(evaluate, learner.apply({'params': params}, x, True))
+  trained = learner.apply({'params': params}, x, False, rngs={'dropout': jax.random.key(1)})
+  assert trained.shape == evaluate.shape and not np.allclose(trained, evaluate, atol=1e-3)
+  # The model hands its dropout rate to the reducer.
+  config = _model_config('tokenlearner')
+  config.dropout_rate = 0.25
+  rates = []
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, TokenLearner):
+      rates.append(context.module.dropout_rate)
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):
+    build_model(config, 10).init(jax.random.key(0), _images())
+  assert rates == [0.25]
 
 
 def test_pool_equals_a_hand_computed_average():

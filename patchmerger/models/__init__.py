@@ -50,7 +50,9 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
   # `merger` places the between-block reducers; tome and none use no slots.
   mergers = (resolve_mergers(model_config.get('merger'), arch['depth'])
              if kind in reducers.BETWEEN_BLOCKS else ())
-  tome_r = (tome.schedule(reducer.get('r', 0), reducer.get('start_block', 0), arch['depth'])
+  tome_r = (tome.schedule(reducer.get('r', 0), arch['depth'],
+                          inflection=reducer.get('inflection', 0.),
+                          start_block=reducer.get('start_block', 0))
             if kind == 'tome' else ())
   attention = model_config.get('attention', 'auto')
   if attention == 'cudnn' and not attention_lib.cudnn_supports(DTYPES[dtype], 8):
@@ -65,6 +67,8 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
       mergers=mergers,
       reducer=kind,
       tome_r=tome_r,
+      tome_proportional_attention=bool(reducer.get('proportional_attention', True)),
+      tome_size_weighted_gap=bool(reducer.get('size_weighted_gap', False)),
       classifier=model_config.get('classifier', 'token'),
       posemb=model_config.get('posemb', 'learn'),
       conv_stem=tuple(model_config.get('conv_stem') or ()),

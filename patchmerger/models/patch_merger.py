@@ -30,7 +30,8 @@ class PatchMerger(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+    del deterministic  # No dropout; the argument is the between-block reducers' interface.
     if x.ndim != 3:
       raise ValueError(f'PatchMerger expects [batch, tokens, dim], got {x.shape}')
     normed = nn.LayerNorm(name='LayerNorm_0', dtype=self.dtype)(x)

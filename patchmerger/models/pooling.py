@@ -51,7 +51,8 @@ class TokenPooling(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
+    del deterministic  # No dropout; the argument is the between-block reducers' interface.
     if x.ndim != 3 or x.shape[1] != self.grid[0] * self.grid[1]:
       raise ValueError(f'Pooling expects [batch, {self.grid[0]}x{self.grid[1]} tokens, dim], '
                        f'got {x.shape}')

@@ -27,13 +27,15 @@ def check_kind(kind: str) -> str:
 
 
 def between_blocks(kind: str, num_tokens: int, grid: Optional[tuple[int, int]],
-                   merge_normalized: bool, dtype: Any, name: str) -> nn.Module:
-  """The module that turns [batch, N, D] patch tokens into [batch, M, D]; `grid`
-  is the (h, w) layout of the N tokens, or None when they have none."""
+                   merge_normalized: bool, dtype: Any, name: str,
+                   dropout_rate: float = 0.) -> nn.Module:
+  """The module that turns [batch, N, D] patch tokens into [batch, M, D], called as
+  module(x, deterministic); `grid` is the (h, w) layout of the N tokens, or None
+  when they have none. `dropout_rate` is the model's (TokenLearner uses it)."""
   if kind == 'patchmerger':
     return PatchMerger(num_tokens, merge_normalized, dtype, name=name)
   if kind == 'tokenlearner':
-    return TokenLearner(num_tokens, dtype=dtype, name=name)
+    return TokenLearner(num_tokens, dropout_rate=dropout_rate, dtype=dtype, name=name)
   if kind == 'pool':
     if grid is None:
       raise ValueError('pool needs tokens on a grid.')

@@ -1,14 +1,21 @@
 """Token Merging (ToMe; Bolya et al., ICLR 2023, arXiv 2210.09461): bipartite soft
 matching inside the encoder blocks, with no parameters and no training.
 
-In a block with merge count r, after attention and before the MLP: the patch
-tokens alternate between sets A (even positions) and B (odd positions); each A
-token's similarity to B is the cosine of the head-averaged attention keys; the r
-A tokens with the most similar best match are merged into that B token. Merged
-tokens are size-weighted averages and the sizes (how many input patches each
-token stands for) are carried to the next blocks, whose attention adds log(size)
-to the logits (proportional attention). The class token is never merged. r is a
-Python int per block, so every shape is static and the model jits.
+Computed as the authors' implementation (facebookresearch/ToMe, `bipartite_soft_matching`
+and `merge_wavg`, applied through its timm patch) computes it. In a block with merge
+count r, after attention and before the MLP:
+- the whole sequence, class token included, alternates between set A (positions 0, 2,
+  4, ...: merged away) and set B (positions 1, 3, 5, ...: merged into);
+- each A token scores every B token by the cosine of their head-averaged attention
+  keys; the class token (row 0 of A) scores -inf, so it is never merged;
+- the r A tokens with the highest best score are added into their best B token;
+  merged tokens are size-weighted averages, and the sizes (how many patches each
+  token stands for) go on to the next blocks, whose attention can add log(size) to
+  the logits (proportional attention);
+- the output is [unmerged A, B]. With a class token the unmerged A keep their
+  original order, so the class token stays first; without one they stay in the
+  order of their scores, highest first.
+r per block is a Python int, so every shape is static and the model jits.
 """
 import dataclasses
 from typing import Optional, Sequence, Union
@@ -16,23 +23,45 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+MergeCounts = Union[int, Sequence[int]]
 
-def schedule(r: Union[int, Sequence[int]], start_block: int, depth: int) -> tuple[int, ...]:
-  """Merges per block: `r` for every block from `start_block` on (an int), or
-  one entry per block (a list of length `depth`, zeroed before `start_block`)."""
+
+def schedule(r: MergeCounts, depth: int, *, inflection: float = 0.,
+             start_block: int = 0) -> tuple[int, ...]:
+  """Merges per block, read as ToMe's `parse_r` reads r, then zeroed before `start_block`.
+
+  - An int r with `inflection` in [-1, 1]: merge counts on a straight line from
+    int(r * (1 - inflection)) in the first block to 2r minus that in the last, each
+    truncated to an int. 0 is a constant r, -1 ToMe's "decreasing schedule" (2r down
+    to 0), +1 an increasing one. ToMe writes this as the tuple (r, inflection).
+  - A list of ints: one merge count per block; a short list is padded with zeros.
+  `start_block` s sets the first s entries to 0, whatever the rest say.
+  """
   if not 0 <= int(start_block) < depth:
     raise ValueError(f'model.reducer.start_block must be in 0..{depth - 1}, got {start_block}.')
-  if isinstance(r, (int,)) and not isinstance(r, bool):
-    per_block = [int(r)] * depth
-  elif isinstance(r, (list, tuple)) and all(isinstance(v, int) for v in r):
-    per_block = [int(v) for v in r]
-    if len(per_block) != depth:
-      raise ValueError(f'model.reducer.r lists {len(per_block)} merge counts for a model of '
-                       f'depth {depth}: give one per block, or one int.')
+  inflection = float(inflection)
+  if not -1. <= inflection <= 1.:
+    raise ValueError(f'model.reducer.inflection must be in [-1, 1], got {inflection}.')
+  if isinstance(r, int) and not isinstance(r, bool):
+    if r < 0:
+      raise ValueError(f'model.reducer.r must be >= 0, got {r}.')
+    first = int(r * (1. - inflection))
+    step = (2 * r - 2 * first) / (depth - 1) if depth > 1 else 0.
+    per_block = [int(first + step * block) for block in range(depth)]
+  elif isinstance(r, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                            for v in r):
+    if inflection:
+      raise ValueError('model.reducer.inflection applies to an int r, not to a list of '
+                       f'merge counts per block (r={list(r)}).')
+    if len(r) > depth or any(v < 0 for v in r):
+      raise ValueError(f'model.reducer.r lists merge counts >= 0, at most one per block of '
+                       f'the {depth}; got {list(r)}.')
+    per_block = list(r) + [0] * (depth - len(r))
+  elif isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
+    raise ValueError(f'model.reducer.r={tuple(r)} reads as ToMe\'s (r, inflection) pair: '
+                     f'write model.reducer.r={r[0]} and model.reducer.inflection={r[1]}.')
   else:
     raise ValueError(f'model.reducer.r must be an int or a list of ints, got {r!r}.')
-  if any(v < 0 for v in per_block):
-    raise ValueError(f'model.reducer.r must be >= 0, got {r!r}.')
   return tuple(0 if block < start_block else v for block, v in enumerate(per_block))
 
 
@@ -46,10 +75,10 @@ _scatter_add = jax.vmap(lambda tokens, index, values: tokens.at[index].add(value
 
 @dataclasses.dataclass(frozen=True)
 class BipartiteMerge:
-  """One block's merge step: r merges, the class token (first) kept apart.
+  """One block's merge step: r merges, the class token (first, if any) protected.
 
   Called as merge(x [b, N, D], keys [b, N, heads, head_dim], sizes [b, N, 1] or
-  None) -> (x, sizes) with N - r' tokens, r' = min(r, patch tokens // 2).
+  None) -> (x, sizes) with N - r' tokens, r' = min(r, (N - has_cls_token) // 2).
   """
   r: int
   has_cls_token: bool
@@ -58,34 +87,33 @@ class BipartiteMerge:
                sizes: Optional[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
     if sizes is None:
       sizes = jnp.ones((*x.shape[:2], 1), jnp.float32)
-    kept = 1 if self.has_cls_token else 0
-    r = min(self.r, (x.shape[1] - kept) // 2)
+    r = min(self.r, (x.shape[1] - int(self.has_cls_token)) // 2)
     if r <= 0:
       return x, sizes
-    cls_x, patches = x[:, :kept], x[:, kept:].astype(jnp.float32)
-    cls_sizes, sizes = sizes[:, :kept], sizes[:, kept:]
 
-    metric = keys[:, kept:].mean(axis=2).astype(jnp.float32)
+    metric = keys.mean(axis=2).astype(jnp.float32)
     metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True).clip(1e-6)
     scores = jnp.einsum('bic,bjc->bij', metric[:, ::2], metric[:, 1::2])  # A x B cosines
+    if self.has_cls_token:  # The class token is A's first row: it never merges.
+      scores = scores.at[:, 0, :].set(-jnp.inf)
     best, match = scores.max(axis=-1), scores.argmax(axis=-1)
-    order = jnp.argsort(-best, axis=-1)
-    merged, unmerged = order[:, :r], jnp.sort(order[:, r:], axis=-1)
+    order = jnp.argsort(best, axis=-1, descending=True)
+    merged, unmerged = order[:, :r], order[:, r:]
+    if self.has_cls_token:
+      unmerged = jnp.sort(unmerged, axis=-1)
     destination = jnp.take_along_axis(match, merged, axis=1)
 
     # Sums of size-weighted tokens and of sizes; their ratio is the weighted mean.
-    weighted = patches * sizes
+    weighted = x.astype(jnp.float32) * sizes
     set_a, set_b = weighted[:, ::2], weighted[:, 1::2]
     sizes_a, sizes_b = sizes[:, ::2], sizes[:, 1::2]
     set_b = _scatter_add(set_b, destination, _gather(set_a, merged))
     sizes_b = _scatter_add(sizes_b, destination, _gather(sizes_a, merged))
     new_sizes = jnp.concatenate([_gather(sizes_a, unmerged), sizes_b], axis=1)
-    new_patches = jnp.concatenate([_gather(set_a, unmerged), set_b], axis=1) / new_sizes
-    return (jnp.concatenate([cls_x, new_patches.astype(x.dtype)], axis=1),
-            jnp.concatenate([cls_sizes, new_sizes], axis=1))
+    new_x = jnp.concatenate([_gather(set_a, unmerged), set_b], axis=1) / new_sizes
+    return new_x.astype(x.dtype), new_sizes
 
 
 def proportional_bias(sizes: Optional[jnp.ndarray]) -> Optional[jnp.ndarray]:
   """sizes [b, N, 1] -> log(size) on the keys' axis, [b, 1, 1, N]; None stays None."""
   return None if sizes is None else jnp.log(sizes)[:, None, None, :, 0]
-

@@ -106,7 +106,7 @@ class Encoder1DBlock(nn.Module):
   `merge` is an optional step between attention and MLP that reduces the tokens
   using the attention keys (ToMe's tome.BipartiteMerge). `sizes` [batch, N, 1]
   (how many patches each token stands for, None: all 1) add log(size) to the
-  attention logits. Returns (tokens, sizes).
+  attention logits when `proportional_attention`. Returns (tokens, sizes).
   """
   mlp_dim: int
   num_heads: int
@@ -115,6 +115,7 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   merge: Optional[tome.BipartiteMerge] = None
   attention: str = 'auto'                  # xla | cudnn | auto (attention.py)
+  proportional_attention: bool = True      # Add log(sizes) to the attention logits.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool,
@@ -123,7 +124,8 @@ class Encoder1DBlock(nn.Module):
     y, keys = MultiHeadAttention(
         self.num_heads, self.dtype, self.attention_dropout_rate, self.attention,
         name='MultiHeadDotProductAttention_1')(
-            y, tome.proportional_bias(sizes), deterministic, return_keys=True)
+            y, tome.proportional_bias(sizes) if self.proportional_attention else None,
+            deterministic, return_keys=True)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic)
     if self.merge is not None:
       x, sizes = self.merge(x, keys, sizes)
@@ -180,6 +182,7 @@ class Encoder(nn.Module):
   attention: str = 'auto'
   scan: bool = False
   remat_policy: str = 'none'
+  tome_proportional_attention: bool = True  # log(size) added to the attention logits.
 
   def _block_type(self) -> Any:
     if self.remat_policy == 'none':
@@ -206,12 +209,13 @@ class Encoder(nn.Module):
       if start in merger_tokens:
         reduce = reducers.between_blocks(self.reducer, merger_tokens[start], grid,
                                          self.merge_normalized, self.dtype,
-                                         name=f'{self.reducer}_{start}')
+                                         name=f'{self.reducer}_{start}',
+                                         dropout_rate=self.dropout_rate)
         grid = reducers.grid_after(self.reducer, merger_tokens[start], grid)
         if self.has_cls_token:  # The class token is carried past the reducer.
-          x = jnp.concatenate([x[:, :1], reduce(x[:, 1:])], axis=1)
+          x = jnp.concatenate([x[:, :1], reduce(x[:, 1:], deterministic)], axis=1)
         else:
-          x = reduce(x)
+          x = reduce(x, deterministic)
       if self.scan:  # Tokens are the carry; `deterministic` and `sizes` (None) broadcast.
         run = nn.scan(block, variable_axes={'params': 0},
                       split_rngs={'params': True, 'dropout': True},
@@ -222,7 +226,8 @@ class Encoder(nn.Module):
       for i in range(start, stop):
         r = self.tome_r[i] if self.tome_r else 0
         x, sizes = block(*fields, tome.BipartiteMerge(r, self.has_cls_token) if r else None,
-                         self.attention, name=f'encoderblock_{i}')(x, deterministic, sizes)
+                         self.attention, self.tome_proportional_attention,
+                         name=f'encoderblock_{i}')(x, deterministic, sizes)
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x), sizes
 
 
@@ -277,6 +282,8 @@ class VisionTransformer(nn.Module):
   attention: str = 'auto'                  # xla | cudnn | auto
   scan: bool = False                       # one nn.scan per run of blocks between reducers
   remat_policy: str = 'none'               # none | full | REMAT_POLICIES
+  tome_proportional_attention: bool = True
+  tome_size_weighted_gap: bool = False     # GAP over patches (sizes) instead of tokens
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
@@ -342,12 +349,14 @@ class VisionTransformer(nn.Module):
                        self.posemb, (gh, gw), has_cls, self.dropout_rate,
                        self.attention_dropout_rate, self.merge_normalized, self.dtype,
                        self.reducer, tuple(self.tome_r), self.attention, self.scan,
-                       self.remat_policy, name='Transformer')(x, deterministic=not train)
+                       self.remat_policy, self.tome_proportional_attention,
+                       name='Transformer')(x, deterministic=not train)
 
     if self.classifier == 'token':
       x = x[:, 0]
-    elif self.classifier == 'gap' and sizes is not None:
-      # ToMe's tokens stand for `sizes` patches each: the mean over the patches.
+    elif self.classifier == 'gap' and sizes is not None and self.tome_size_weighted_gap:
+      # ToMe's tokens stand for `sizes` patches each: the mean over the patches (as
+      # ToMe's MAE patch pools). Its timm patch, the default here, takes the plain mean.
       x = (jnp.sum(x * sizes.astype(x.dtype), axis=1)
            / jnp.sum(sizes, axis=1).astype(x.dtype))
     elif self.classifier == 'gap':

@@ -114,6 +114,11 @@ def validate(config: Any) -> None:
   if config.get('init_from'):
     loading.check_source(config.init_from)
   model = build_model(config.model, config.num_classes)
+  if model.reducer == 'tome' and not any(model.tome_r):
+    reducer = config.model.reducer
+    raise ValueError(f'model.reducer.kind=tome merges nothing with r={reducer.get("r")!r}, '
+                     f'start_block={reducer.get("start_block", 0)}: set '
+                     f'--config.model.reducer.r (e.g. 8), or use kind=none for the plain ViT.')
   images = jax.ShapeDtypeStruct(
       (1, config.input.image_size, config.input.image_size, config.input.channels), jnp.float32)
   jax.eval_shape(model.init, jax.random.key(0), images)
