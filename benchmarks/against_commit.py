@@ -1,7 +1,7 @@
 r"""ViT speed of this checkout against an earlier commit, alternated on one machine.
 
-  python benchmarks/against_commit.py --commit=0eff4c7            # B/16, batch 8, 3 rounds
-  python benchmarks/against_commit.py --commit=HEAD~5 --variant=S/16 --rounds=5
+  python -m benchmarks.against_commit --commit=0eff4c7            # B/16, batch 8, 3 rounds
+  python -m benchmarks.against_commit --commit=HEAD~5 --variant=S/16 --rounds=5
 
 Checks the commit out into a temporary git worktree, then times the same model
 (a plain GAP ViT of --variant at --image_size, float32, the model defaults of each
@@ -32,8 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run with cwd = a checkout; prints "infer=<img/s> train=<img/s>".
 _TIMER = r'''
-import functools, statistics, sys, time
-sys.path.insert(0, '.')
+import functools, statistics, sys, time  # python -c: the checkout (cwd) comes first
 import jax, jax.numpy as jnp, numpy as np
 from configs import common, fashion_mnist
 from patchmerger.models import build_model

@@ -59,7 +59,7 @@ else
          tests/test_attention.py tests/test_scan.py)
 fi
 batch_of() { [[ $1 == L/* && -z "${GPU_CHECK_TINY:-}" ]] && echo $((BATCH / 2)) || echo "$BATCH"; }
-BENCH=("$PYTHON" benchmarks/throughput.py --image_size="$SIZE" --dtype=bfloat16
+BENCH=("$PYTHON" -m benchmarks.throughput --image_size="$SIZE" --dtype=bfloat16
        --classifier=token --repeats="$REPEATS" --calls="$CALLS")
 # The steps before the report; with the report, the kill grace of the last step and
 # the floor of 10 s per step, the whole check stays under 8 minutes.
@@ -137,7 +137,7 @@ ours "${MODELS[0]//\//_}_batches" 150 --variants="${MODELS[0]}" --mergers=none \
 log 'report'
 parts=(); for f in "$OUT"/ours_*.json "$OUT"/hf_*.json; do [[ -s "$f" ]] && parts+=("$f"); done
 if (( ${#parts[@]} )); then
-  timeout -k 5 30 "$PYTHON" benchmarks/throughput.py --report="$(IFS=,; echo "${parts[*]}")" \
+  timeout -k 5 30 "$PYTHON" -m benchmarks.throughput --report="$(IFS=,; echo "${parts[*]}")" \
       --markdown="$OUT/tables.md" >/dev/null 2>"$OUT/report.txt"
 fi
 "$PYTHON" - "$OUT" "${parts[@]}" <<'EOF'

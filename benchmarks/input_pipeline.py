@@ -1,7 +1,7 @@
 r"""Input speed on synthetic ImageNet-like JPEGs: the prepare tool and the training pipeline.
 
-  python benchmarks/input_pipeline.py                       # 2,000 images, 1 and 2 threads
-  python benchmarks/input_pipeline.py --images=200 --seconds=5 --json=/tmp/input.json
+  python -m benchmarks.input_pipeline                       # 2,000 images, 1 and 2 threads
+  python -m benchmarks.input_pipeline --images=200 --seconds=5 --json=/tmp/input.json
 
 Makes --images JPEGs of 500 x 375 pixels and about 110 KB (a smooth random field
 plus noise, quality 90; ImageNet's average is ~110 KB at ~400 x 350), in 10 class
@@ -18,11 +18,9 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
 
 import numpy as np
 from absl import app, flags

@@ -1,8 +1,8 @@
 r"""Per-device memory of the train step, from XLA's memory analysis of an ahead-of-time
 compilation (nothing runs, nothing is allocated), on a forced mesh of CPU devices.
 
-  python benchmarks/memory.py --variants=g/14 --remat=none,full --fsdp=8 --batch_size=64
-  python benchmarks/memory.py --variants=B/16,L/16,H/14,g/14 --scan --json=/tmp/memory.json
+  python -m benchmarks.memory --variants=g/14 --remat=none,full --fsdp=8 --batch_size=64
+  python -m benchmarks.memory --variants=B/16,L/16,H/14,g/14 --scan --json=/tmp/memory.json
 
 The step is train.py's: AdamW, the state sharded FSDP-style over `--fsdp` devices,
 the global batch split over all of them. Memory per device = arguments + outputs +
@@ -12,10 +12,8 @@ same program, same buffers (an accelerator's compiler may schedule them differen
 import functools
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
 # Forced CPU devices must be set before jax starts.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 

@@ -1,9 +1,9 @@
 r"""Token reducers side by side at matched FLOPs: plain, PatchMerger, TokenLearner,
 pooling and ToMe on one ViT, in one process.
 
-  python benchmarks/reducers.py                                # B/16 @224, batch 8 and 64
-  python benchmarks/reducers.py --batch_sizes=8 --notrain --json=/tmp/r.json --markdown=/tmp/r.md
-  python benchmarks/reducers.py --variant=Ti/16 --image_size=64 --batch_sizes=2 --repeats=1
+  python -m benchmarks.reducers                                # B/16 @224, batch 8 and 64
+  python -m benchmarks.reducers --batch_sizes=8 --notrain --json=/tmp/r.json --markdown=/tmp/r.md
+  python -m benchmarks.reducers --variant=Ti/16 --image_size=64 --batch_sizes=2 --repeats=1
 
 PatchMerger, TokenLearner and pool sit in the `--merger` slot (M@FRACTION of the
 depth, default 8@1/2). ToMe merges r tokens in every block; r is searched with
@@ -21,10 +21,7 @@ all rows alike. --image_size, --repeats, --calls, --train and --json are those
 of benchmarks/throughput.py.
 """
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
 
 import jax
 import jax.numpy as jnp

@@ -1,13 +1,14 @@
 r"""Accuracy of the token reducers at equal steps on Fashion-MNIST, with 64 tokens.
 
-  python benchmarks/reducers_fashion_mnist.py --workdir=workdirs/reducers
-  python benchmarks/reducers_fashion_mnist.py --workdir=W --steps=50 --seeds=0 --tome_r=8
+  python -m benchmarks.reducers_fashion_mnist --workdir=workdirs/reducers
+  python -m benchmarks.reducers_fashion_mnist --workdir=W --steps=50 --seeds=0 --tome_r=8
 
 The model: 32px images, patch 4 without a convolution stem (8x8 = 64 tokens),
 width 64, depth 4, MLP 128, 4 heads, GAP head; otherwise configs/fashion_mnist.py.
 Every method trains --steps steps per seed through `loop.train` (train.py's code):
 plain (`reducer=none`), PatchMerger, TokenLearner and pool in the --merger slot,
-and ToMe with --train_tome_r merges per block; warm-up is a tenth of the steps.
+and ToMe with --train_tome_r merges per block (without proportional attention, as
+ToMe's authors train it); warm-up is a tenth of the steps.
 Then every run is evaluated with `loop.evaluate_checkpoint` (eval.py's code) for
 its test accuracy, and ToMe is applied without training to each trained plain
 model at every --tome_r (as `eval.py --checkpoint=PLAIN_RUN --config.model.reducer.kind=tome
@@ -22,9 +23,7 @@ evaluations are kept and skipped when the command runs again.
 import csv
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
 
 from absl import app, flags, logging
 
@@ -37,6 +36,9 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds; every method trains once
 _MERGER = flags.DEFINE_string('merger', '16@2', 'M@BLOCK of patchmerger, tokenlearner, pool.')
 _TRAIN_TOME_R = flags.DEFINE_integer('train_tome_r', 12, 'ToMe merges per block when trained '
                                      '(12 from 64 tokens: about the FLOPs of 16@2).')
+_TRAIN_TOME_PROPORTIONAL = flags.DEFINE_bool(
+    'train_tome_proportional', False, 'Proportional attention in trained ToMe (its authors '
+    'turn it off for training, on for ToMe applied to a model off the shelf).')
 _TOME_R = flags.DEFINE_list('tome_r', ['4', '8', '12', '16'],
                             'r of ToMe applied without training to the plain models.')
 _INFER_BATCH = flags.DEFINE_integer('infer_batch', 256, 'Images per timed forward call.')
@@ -46,11 +48,13 @@ COLUMNS = ('method', 'trained', 'r', 'seed', 'test_accuracy', 'gflops_per_image'
            'train_images_per_sec', 'infer_images_per_sec')
 
 
-def experiment_config(kind: str, seed: int, r: int = 0):
+def experiment_config(kind: str, seed: int, r: int = 0, trained: bool = True):
   config = fashion_mnist.get_config(
       f'variant=Ti/4,merger={_MERGER.value},reducer={kind},steps={_STEPS.value}')
   config.model.update(conv_stem=(), width=64, depth=4, mlp_dim=128, num_heads=4)
   config.model.reducer.r = r
+  if kind == 'tome' and trained:
+    config.model.reducer.proportional_attention = _TRAIN_TOME_PROPORTIONAL.value
   config.seed = seed
   config.lr.warmup_steps = _STEPS.value // 10  # The default 200 would fill a short run.
   config.eval_every = _STEPS.value
@@ -115,7 +119,7 @@ def main(argv):
                        train_images_per_sec=summary.get('train/images_per_sec'),
                        infer_images_per_sec=evaluation['infer_images_per_sec']))
     for r in map(int, _TOME_R.value):
-      config = experiment_config('tome', seed, r)
+      config = experiment_config('tome', seed, r, trained=False)
       workdir = os.path.join(root, f'tome_untrained_r{r}_seed{seed}')
       os.makedirs(workdir, exist_ok=True)
       evaluation = _cached(os.path.join(workdir, 'eval_result.json'), lambda: evaluate(

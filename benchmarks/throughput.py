@@ -1,10 +1,10 @@
 r"""Throughput of plain ViTs against PatchMerger ViTs, side by side in one process.
 
-  python benchmarks/throughput.py                                  # Ti/S/B/L-16 @224 + fmnist
-  python benchmarks/throughput.py --variants=B/16 --mergers=none,8@1/2 --batch_sizes=8
-  python benchmarks/throughput.py --variants=B/16 --dtype=bfloat16 --batch_sizes=64,128,256 \
+  python -m benchmarks.throughput                                  # Ti/S/B/L-16 @224 + fmnist
+  python -m benchmarks.throughput --variants=B/16 --mergers=none,8@1/2 --batch_sizes=8
+  python -m benchmarks.throughput --variants=B/16 --dtype=bfloat16 --batch_sizes=64,128,256 \
       --merger_batches=best --json=/tmp/t.json --markdown=/tmp/t.md  # on a GPU
-  python benchmarks/throughput.py --report=/tmp/a.json,/tmp/b.json  # tables of saved rows
+  python -m benchmarks.throughput --report=/tmp/a.json,/tmp/b.json  # tables of saved rows
 
 For each variant, merger setting and batch size: GFLOPs/image (XLA cost analysis),
 parameters, inference and training-step images/second (median of --repeats timed
@@ -22,9 +22,7 @@ import statistics
 import time
 from fractions import Fraction
 from typing import Optional, Sequence
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Repo imports.
 
 import jax
 import jax.numpy as jnp

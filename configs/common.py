@@ -73,6 +73,16 @@ def reducer_config(kind: str = 'patchmerger') -> ml_collections.ConfigDict:
   ))
 
 
+def fewshot_config(pool_examples: int, test_examples: int,
+                   shots: tuple[int, ...] = (1, 5, 10, 25)) -> ml_collections.ConfigDict:
+  """The `fewshot` section: linear probes on the pre-logits, fitted on `shots` examples
+  per class drawn from the first `pool_examples` of the train split, scored on the first
+  `test_examples` of the test split (eval.py; during training every `every` steps)."""
+  return ml_collections.ConfigDict(dict(
+      every=0,                         # 0: only in eval.py
+      shots=shots, pool_examples=pool_examples, test_examples=test_examples, l2=1.0))
+
+
 def model_config(variant: str, merger: str, reducer: str = 'patchmerger',
                  **fields: Any) -> ml_collections.ConfigDict:
   """The `model` section. Sizes default to the variant's; set width, depth,

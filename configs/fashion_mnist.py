@@ -65,9 +65,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       base=1e-3, warmup_steps=200, decay='cosine', end_value=0.0))
 
   # Few-shot linear probes on the pre-logits (eval.py; during training every N steps).
-  config.fewshot = ml_collections.ConfigDict(dict(
-      every=0,                         # 0: only in eval.py
-      shots=(1, 5, 10, 25), pool_examples=2_000, test_examples=2_000, l2=1.0))
+  config.fewshot = common.fewshot_config(pool_examples=2_000, test_examples=2_000)
 
   # Loop.
   config.log_every = 50

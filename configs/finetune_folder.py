@@ -11,7 +11,7 @@ first use); `num_classes` must equal its class count (checked with one line).
 The model section (variant, merger, and `--config.model.*` overrides) must be
 the upstream run's. The recipe is configs/transfer.py's (SGD, momentum 0.9,
 cosine) at a smaller batch.
-Arg string keys: path, num_classes, variant, merger, res, steps, batch.
+Arg string keys: path, num_classes, variant, merger, reducer, res, steps, batch.
 """
 import ml_collections
 
@@ -20,9 +20,10 @@ from configs import common, transfer
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, path='images', num_classes=2, variant='B/16', merger='8',
-                         res=224, steps=500, batch=64)
+                         reducer='patchmerger', res=224, steps=500, batch=64)
   config = transfer.get_config(f'dataset=oxford_iiit_pet,variant={arg.variant},'
-                               f'merger={arg.merger},res={arg.res},steps={arg.steps}')
+                               f'merger={arg.merger},reducer={arg.reducer},res={arg.res},'
+                               f'steps={arg.steps}')
   config.dataset = f'folder:{arg.path}'
   config.train_split = 'train'
   config.test_split = 'test'

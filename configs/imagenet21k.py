@@ -2,7 +2,9 @@ r"""Paper-style upstream pretraining on ImageNet-21k (needs the data and acceler
 
 The PatchMerger paper pretrains ViTs upstream with the standard ViT recipe:
 Adam (0.9, 0.999), weight decay 0.1, linear warm-up then decay, sigmoid
-cross-entropy, batch 4096, 224px; one merger halfway with M=8.
+cross-entropy, batch 4096, 224px; one merger halfway with M=8. The pre-logits
+layer is as wide as the model (768 for B/16, 1024 for L/16), as in the public
+ImageNet-21k ViT checkpoints.
 
   python train.py --config=configs/imagenet21k.py:variant=B/16 --workdir=gs://...
 """
@@ -10,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
+from patchmerger.models.vit import parse_variant
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
@@ -34,7 +37,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
                                        # keep the data order when the host count changes
 
   config.model = common.model_config(arg.variant, arg.merger, arg.reducer,
-                                     classifier='token', representation_size=768,
+                                     classifier='token',
+                                     representation_size=parse_variant(arg.variant)['width'],
                                      dtype='bfloat16')  # bf16 compute, f32 params
 
   config.batch_size = 4096
@@ -48,6 +52,10 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       mu_dtype=config_dict.placeholder(str)))  # Adam's first moment: None (f32) | bfloat16
   config.lr = ml_collections.ConfigDict(dict(
       base=1e-3, warmup_steps=10_000, decay='linear', end_value=1e-5))
+
+  # Few-shot probes on the pre-logits (eval.py; --config.fewshot.every=N in training):
+  # 100,000 pool images hold about 5 per class of the 21,843.
+  config.fewshot = common.fewshot_config(pool_examples=100_000, test_examples=10_000, shots=(1, 5))
 
   config.log_every = 50
   config.eval_every = 5000

@@ -14,7 +14,7 @@ resized on load), a fresh zero head. cifar10, cifar100, oxford_iiit_pet and
 oxford_flowers102 download by themselves through TFDS; imagenet2012 needs TFDS's
 manual preparation (README, "Data"). Its minival, train[99%:], is held out of
 training: `--config.test_split=train[99%:]` evaluates on it while tuning.
-Arg string keys: dataset, variant, merger, res, steps (0: the table's).
+Arg string keys: dataset, variant, merger, reducer, res, steps (0: the table's).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -32,7 +32,8 @@ DATASETS = {
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, dataset='cifar10', variant='B/16', merger='8', res=384, steps=0)
+  arg = common.parse_arg(arg, dataset='cifar10', variant='B/16', merger='8',
+                         reducer='patchmerger', res=384, steps=0)
   if arg.dataset not in DATASETS:
     raise ValueError(f'Unknown transfer dataset {arg.dataset!r}; this config takes '
                      f'{", ".join(DATASETS)}.')
@@ -55,7 +56,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       data_threads=0,                  # 0: tf.data autotunes its threads
       num_shards=0))                   # data shards (0: one per process)
 
-  config.model = common.model_config(arg.variant, arg.merger, classifier='token',
+  config.model = common.model_config(arg.variant, arg.merger, arg.reducer, classifier='token',
                                      dtype='bfloat16')  # bf16 compute, f32 params
 
   config.batch_size = 512
@@ -71,6 +72,9 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.lr = ml_collections.ConfigDict(dict(
       base=lr, warmup_steps=min(warmup, config.total_steps // 2), decay='cosine',
       end_value=0.0))
+
+  # Few-shot probes on the pre-logits (eval.py; --config.fewshot.every=N in training).
+  config.fewshot = common.fewshot_config(pool_examples=10_000, test_examples=10_000)
 
   config.log_every = 50
   config.eval_every = max(config.total_steps // 5, 1)

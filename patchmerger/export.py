@@ -6,10 +6,16 @@ r"""Exports the parameters of a run's checkpoint in a public layout.
 
 `transformers` writes a directory that `ViTForImageClassification.from_pretrained` opens;
 it takes plain class-token ViTs only (transformers has no token merging).
+
+The export knows the run's model from WORKDIR/config.json, which train.py writes (for
+runs without one, pass the run's --config=configs/X.py:ARGS and overrides); it refuses
+what the layout cannot compute, and writes the model config beside the weights
+(`<name>.model.json`, or `patchmerger_model.json` in the transformers directory).
 """
 import os
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from patchmerger import cli
 
@@ -17,6 +23,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds checkp
 _TO = flags.DEFINE_enum('to', 'npz', ['npz', 'big_vision', 'transformers'], 'Output layout.')
 _OUT = flags.DEFINE_string('out', None, 'Output path; default: WORKDIR/export/<layout>.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'The run\'s config, for runs without WORKDIR/config.json.')
 flags.mark_flags_as_required(['workdir'])
 
 DEFAULT_NAMES = {'npz': 'params.npz', 'big_vision': 'big_vision.npz',
@@ -26,13 +34,19 @@ DEFAULT_NAMES = {'npz': 'params.npz', 'big_vision': 'big_vision.npz',
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from patchmerger.checkpoints import export, loading
+  from patchmerger.checkpoints import export, loading, model_config
 
   def run():
+    model = _CONFIG.value.model if _CONFIG.value else model_config.saved(_WORKDIR.value)
+    if model is None:
+      raise FileNotFoundError(
+          f'{os.path.join(_WORKDIR.value, model_config.RUN_CONFIG)} does not exist: pass the '
+          f'run\'s config, e.g. --config=configs/fashion_mnist.py:ARGS plus its overrides.')
     params = loading.load_orbax_params(_WORKDIR.value, _STEP.value)
     out = _OUT.value or os.path.join(_WORKDIR.value, 'export', DEFAULT_NAMES[_TO.value])
-    export.export(params, _TO.value, out)
-    print(f'Exported {len(params)} parameters ({_TO.value} layout) to {out}')
+    export.export(params, _TO.value, out, model_config=model)
+    print(f'Exported {len(params)} parameters ({_TO.value} layout) to {out}, with its '
+          f'model config in {model_config.sidecar(out, _TO.value)}')
 
   cli.run_reporting_errors(run)
 

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-  result = subprocess.run([sys.executable, 'benchmarks/throughput.py', *args], cwd=ROOT,
+  result = subprocess.run([sys.executable, '-m', 'benchmarks.throughput', *args], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_gpu_check_script_parses():
 def test_input_pipeline_benchmark_prepares_and_reads_imagenet_sized_jpegs(tmp_path):
   out_json = tmp_path / 'input.json'
   result = subprocess.run(
-      [sys.executable, 'benchmarks/input_pipeline.py', '--images=20', '--seconds=0.5',
+      [sys.executable, '-m', 'benchmarks.input_pipeline', '--images=20', '--seconds=0.5',
        '--batch_size=4', '--image_size=32', '--threads=1,2', f'--json={out_json}'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=600)
@@ -125,7 +125,7 @@ def test_reducer_benchmark_finds_the_tome_r_nearest_a_flops_target(default_flags
 def test_reducer_benchmark_runs_every_reducer(tmp_path):
   out_json, out_md = tmp_path / 'rows.json', tmp_path / 'rows.md'
   result = subprocess.run(
-      [sys.executable, 'benchmarks/reducers.py', '--variant=Ti/8', '--image_size=32',
+      [sys.executable, '-m', 'benchmarks.reducers', '--variant=Ti/8', '--image_size=32',
        '--batch_sizes=2', '--merger=4@1/2', '--repeats=1', '--calls=1', '--notrain',
        f'--json={out_json}', f'--markdown={out_md}'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
@@ -145,7 +145,7 @@ def test_reducer_benchmark_runs_every_reducer(tmp_path):
 
 def test_against_commit_times_both_checkouts_and_removes_its_worktree():
   result = subprocess.run(
-      [sys.executable, 'benchmarks/against_commit.py', '--commit=HEAD', '--variant=Ti/16',
+      [sys.executable, '-m', 'benchmarks.against_commit', '--commit=HEAD', '--variant=Ti/16',
        '--image_size=32', '--batch_size=2', '--rounds=1', '--repeats=1'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=600)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from patchmerger.checkpoints import export, layouts, loading
+from patchmerger.checkpoints import export, layouts, loading, model_config
 from patchmerger.models import VisionTransformer
 from patchmerger.training import metrics
 from tests import tiny
@@ -285,3 +285,74 @@ def test_export_command_writes_npz_and_refuses_transformers_for_a_merger_run(tmp
   assert errors[0].startswith('error: Cannot export to transformers: transformers\' ViT has no '
                               'token merging, and this model has patchmerger_1')
   assert not (tmp_path / 'export' / 'transformers').exists()
+
+
+def _tiny_model_config(**model):
+  config = tiny.tiny_config()
+  for key, value in (dict(classifier='token', merger=None) | model).items():
+    if isinstance(value, dict) and key != 'merger':
+      config.model[key].update(value)
+    else:
+      config.model[key] = value
+  return config.model
+
+
+@pytest.mark.parametrize('model, reason', [
+    (dict(merger={'num_tokens': 4, 'before_block': 1}, reducer={'kind': 'pool'}),
+     'pool before blocks 1'),                                   # No parameters to tell.
+    (dict(reducer={'kind': 'tome', 'r': 2}), r'ToMe merges \[2, 2\]'),
+    (dict(posemb='sincos2d'), 'sincos2d position embeddings'),
+])
+def test_transformers_export_refuses_models_their_parameters_cannot_tell(model, reason,
+                                                                          tmp_path):
+  config = _tiny_model_config(**model)
+  params = _init(_model(patch_size=8, width=16, depth=2, mlp_dim=32, num_heads=2,
+                        posemb=config.posemb), size=32)
+  with pytest.raises(ValueError, match=f'Cannot export to transformers: .*{reason}'):
+    export.export(params, 'transformers', str(tmp_path / 'hf'), model_config=config)
+  assert not (tmp_path / 'hf').exists()
+
+
+@pytest.mark.parametrize('fmt, beside', [('npz', 'w.model.json'), ('big_vision', 'w.model.json'),
+                                         ('transformers', 'w.npz/patchmerger_model.json')])
+def test_every_export_writes_the_model_config_beside_the_weights(fmt, beside, tmp_path):
+  if fmt == 'transformers':
+    pytest.importorskip('transformers')
+  config = _tiny_model_config()
+  model = _model(patch_size=8, width=16, depth=2, mlp_dim=32, num_heads=2)
+  export.export(_init(model), fmt, str(tmp_path / 'w.npz'), model_config=config)
+  with open(tmp_path / beside) as f:
+    written = json.load(f)
+  assert written == json.loads(config.to_json_best_effort())
+  assert model_config.saved(str(tmp_path / 'w.npz')) == (written if fmt != 'transformers'
+                                                          else None)
+  assert model_config.differences(written, config) == []
+
+
+def test_runs_record_their_config_and_a_changed_model_is_reported(tmp_path, caplog):
+  upstream = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2)
+  upstream.model.merger = None
+  tiny.run(str(tmp_path / 'up'), upstream)
+  assert model_config.saved(str(tmp_path / 'up')) == json.loads(
+      upstream.model.to_json_best_effort())
+  # Fine-tuning with a merger inserted: allowed, and reported.
+  finetune = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2,
+                              init_from=str(tmp_path / 'up'))
+  caplog.set_level('WARNING')
+  tiny.run(str(tmp_path / 'ft'), finetune)
+  with open(tmp_path / 'ft' / 'init_report.json') as f:
+    assert json.load(f)['model_changes'] == ['mergers: [] -> [[1, 4]]']
+  assert 'this config differs in mergers: [] -> [[1, 4]]' in caplog.text
+  # The export command reads the run's config; without one it says what to pass.
+  import subprocess
+  import sys
+  from tests import test_cli
+  env = dict(os.environ, PYTHONPATH=test_cli.ROOT)
+  os.remove(tmp_path / 'up' / model_config.RUN_CONFIG)
+  refused = subprocess.run([sys.executable, '-m', 'patchmerger.export',
+                            f'--workdir={tmp_path / "up"}', '--to=npz'], cwd=test_cli.ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+  errors = test_cli.error_lines(refused.stderr)
+  assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-2000:]
+  assert 'config.json does not exist: pass the run\'s config, e.g. --config=' in errors[0]
+  assert not (tmp_path / 'up' / 'export').exists()

@@ -104,3 +104,11 @@ def test_every_empty_field_has_a_type_so_it_can_be_overridden(name):
       elif value is None and key != 'merger' and node.get_type(key) is type(None):
         yield prefix + key
   assert list(untyped(config)) == []
+
+
+@pytest.mark.parametrize('variant, width', [('Ti/16', 192), ('B/16', 768), ('L/16', 1024),
+                                            ('H/14', 1280)])
+def test_imagenet21k_pre_logits_are_as_wide_as_the_model(variant, width):
+  # As in the public ImageNet-21k ViT checkpoints (ViT-L/16: a 1024-wide pre_logits).
+  config = importlib.import_module('configs.imagenet21k').get_config(f'variant={variant}')
+  assert config.model.representation_size == width

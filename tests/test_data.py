@@ -74,17 +74,44 @@ def test_prepared_dataset_is_tfds_own_fashion_mnist(prepared, small_fashion_sour
   assert {ex['image'].tobytes() for ex in test} == {im[..., None].tobytes() for im in expected}
 
 
-def test_unprepared_dataset_fails_with_how_to_get_it(tmp_path):
+def _offline_download(self, *args, **kwargs):
+  raise ConnectionError('Failed to resolve storage.googleapis.com\nmore lines')
+
+
+def test_unprepared_dataset_fails_with_how_to_get_it(tmp_path, monkeypatch):
   with pytest.raises(local.DatasetNotPreparedError, match='tfds build imagenet2012'):
     local.ensure_prepared('imagenet2012', str(tmp_path))
   with pytest.raises(local.DatasetNotPreparedError, match='not a TFDS dataset'):
     local.ensure_prepared('imagenet21k', str(tmp_path))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', _offline_download)
   local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, str(tmp_path / 'absent'))
   try:
     with pytest.raises(local.DatasetNotPreparedError, match='apt-get install dataset-fashion-mnist'):
       local.ensure_prepared('fashion_mnist', str(tmp_path))
   finally:
     local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, local.FASHION_MNIST_DIR)
+
+
+def test_fashion_mnist_without_the_debian_package_comes_from_tfds_download(tmp_path,
+                                                                          monkeypatch):
+  calls = []
+  def download(builder, *args, **kwargs):
+    calls.append((builder.name, builder.data_dir))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', download)
+  monkeypatch.setitem(local.LOCAL_SOURCES, 'fashion_mnist',
+                      (local.prepare_fashion_mnist, str(tmp_path / 'absent')))
+  builder = local.ensure_prepared('fashion_mnist', str(tmp_path))
+  assert builder.name == 'fashion_mnist'
+  assert [name for name, _ in calls] == ['fashion_mnist']
+  assert calls[0][1].startswith(str(tmp_path))
+  # Offline too: one line that names both sources and the download's reason.
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', _offline_download)
+  with pytest.raises(local.DatasetNotPreparedError) as error:
+    local.ensure_prepared('fashion_mnist', str(tmp_path))
+  message = str(error.value)
+  assert '\n' not in message
+  assert f'{tmp_path / "absent"} is absent (apt-get install dataset-fashion-mnist' in message
+  assert "TFDS's download failed (ConnectionError: Failed to resolve" in message
 
 
 INPUT = dict(image_size=28, channels=1, augment='none', shuffle_buffer=40, mean=0.5, std=0.5)
@@ -203,3 +230,16 @@ def test_real_fashion_mnist_offline(tmp_path):
   batch = next(input_pipeline.train_batches(builder, 'test', INPUT, 1000, seed=0))
   assert batch['image'].shape == (1000, 28, 28, 1)
   assert set(np.unique(batch['label'])) == set(range(10))
+
+
+def test_check_data_says_fashion_mnist_will_be_downloaded_without_the_package(tmp_path,
+                                                                             monkeypatch):
+  from configs import fashion_mnist
+  monkeypatch.setitem(local.LOCAL_SOURCES, 'fashion_mnist',
+                      (local.prepare_fashion_mnist, str(tmp_path / 'absent')))
+  config = fashion_mnist.get_config()
+  config.data_dir = str(tmp_path / 'data')
+  line = local.check_data(config)
+  assert line.startswith(f'fashion_mnist: {tmp_path / "absent"} is absent, so TFDS downloads')
+  assert 'apt-get install dataset-fashion-mnist' in line
+  assert not (tmp_path / 'data').exists()  # Checking writes nothing.

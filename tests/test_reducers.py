@@ -280,7 +280,7 @@ def test_a_plain_checkpoint_evaluates_under_tome(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['fashion_mnist', 'finetune_digits', 'imagenet21k',
-                                  'imagenet2012'])
+                                  'imagenet2012', 'transfer', 'finetune_folder'])
 def test_every_config_takes_the_reducer_arg_and_keeps_its_merger(name):
   import importlib
   module = importlib.import_module(f'configs.{name}')

@@ -4,14 +4,16 @@
 - `big_vision`: big_vision's stacked (scan) layout, loadable by its `vit.load`;
 - `transformers`: a directory that `ViTForImageClassification.from_pretrained` opens
   (plain class-token ViTs only; needs torch and transformers).
-Each reloads through `loading.load` to identical logits.
+Each reloads through `loading.load` to identical logits. Given the model config of the
+run, `export` refuses what the layout cannot compute and writes the config beside the
+weights (model_config.py).
 """
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 from etils import epath
 
-from patchmerger.checkpoints import layouts, loading
+from patchmerger.checkpoints import layouts, loading, model_config as model_config_lib
 
 FORMATS = ('npz', 'big_vision', 'transformers')
 
@@ -56,8 +58,17 @@ def export_transformers(params: Any, directory: str) -> None:
   transformers_model(params).save_pretrained(directory)
 
 
-def export(params: Any, fmt: str, out: str) -> None:
+def export(params: Any, fmt: str, out: str, model_config: Optional[Any] = None) -> None:
+  """Writes `params` in layout `fmt` at `out`; with the run's `model_config`, first
+  refuses what the layout cannot compute, then writes the config beside the weights."""
   if fmt not in FORMATS:
     raise ValueError(f'--to must be one of {", ".join(FORMATS)}, got {fmt!r}')
+  if model_config is not None and fmt == 'transformers':
+    refusal = (layouts.transformers_refusal(_canonical(params))
+               or model_config_lib.transformers_refusal(model_config))
+    if refusal:
+      raise ValueError(f'Cannot export to transformers: {refusal}')
   {'npz': export_npz, 'big_vision': export_big_vision,
    'transformers': export_transformers}[fmt](params, out)
+  if model_config is not None:
+    model_config_lib.write_beside(out, fmt, model_config)

@@ -98,7 +98,7 @@ def prepare_digits(data_dir: Optional[str], source_dir: str = '') -> tfds.core.D
 LOCAL_SOURCES = {'fashion_mnist': (prepare_fashion_mnist, FASHION_MNIST_DIR),
                  'digits': (prepare_digits, _sklearn_data_dir())}
 HOW_TO_GET = {
-    'fashion_mnist': 'apt-get install dataset-fashion-mnist (Debian), then run again',
+    'fashion_mnist': 'apt-get install dataset-fashion-mnist (Debian)',
     'digits': 'pip install scikit-learn, then run again',
     'imagenet2012': ('download ILSVRC2012_img_{train,val}.tar into DATA_DIR/downloads/manual, '
                      'then: tfds build imagenet2012 --data_dir=DATA_DIR'),
@@ -160,6 +160,27 @@ def ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuil
   return builder if builder is not None else _ensure_prepared(name, data_dir)
 
 
+# Local sources whose TFDS builder can also download them, where the package is absent.
+DOWNLOADABLE = ('fashion_mnist',)
+
+
+def _download(builder: tfds.core.DatasetBuilder, where: str,
+              local_source: str) -> tfds.core.DatasetBuilder:
+  """TFDS's own download of a dataset whose local source is missing; one error line
+  naming both sources when the download fails too (offline, say)."""
+  logging.info('Downloading and preparing TFDS %s in %s (%s)', builder.name, where,
+               local_source)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # Network, proxy, checksum: any of them means "cannot download".
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DatasetNotPreparedError(
+        f'Dataset {builder.name!r} cannot be prepared in {where}: the local source '
+        f'{local_source}, and TFDS\'s download failed ({type(e).__name__}: '
+        f'{reason[:200]}).') from None
+  return builder
+
+
 def _ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   if name.startswith('folder:'):
     return _prepare_folder(name, data_dir)
@@ -179,6 +200,8 @@ def _ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBui
     prepare, source_dir = LOCAL_SOURCES[name]
     if os.path.isdir(source_dir):
       return prepare(data_dir, source_dir)
+    if name in DOWNLOADABLE:  # No package here (macOS, Fedora, ...): TFDS's own download.
+      return _download(builder, where, f'{source_dir} is absent ({HOW_TO_GET[name]})')
   elif not needs_manual_download(builder):  # e.g. cifar10: TFDS fetches it.
     logging.info('Downloading and preparing TFDS %s in %s', name, where)
     builder.download_and_prepare()
@@ -246,6 +269,9 @@ def check_data(config: Any) -> str:
     return f'{name}: prepared in {where} ({"; ".join(_check_splits(builder, splits))}).'
   if name in LOCAL_SOURCES and os.path.isdir(LOCAL_SOURCES[name][1]):
     return f'{name}: prepared into {where} from {LOCAL_SOURCES[name][1]} on first use.'
+  if name in DOWNLOADABLE:
+    return (f'{name}: {LOCAL_SOURCES[name][1]} is absent, so TFDS downloads and prepares it '
+            f'into {where} on first use (needs network; or {HOW_TO_GET[name]}).')
   if name not in LOCAL_SOURCES and not needs_manual_download(builder):
     return f'{name}: TFDS downloads and prepares it into {where} on first use (needs network).'
   how = HOW_TO_GET.get(name, f'tfds build {name} --data_dir={where}')

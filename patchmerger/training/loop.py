@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from clu import parameter_overview, periodic_actions
 
 from patchmerger import flops, merge_pictures
-from patchmerger.checkpoints import export, loading
+from patchmerger.checkpoints import export, loading, model_config
 from patchmerger.data import input_pipeline, local
 from patchmerger.models import build_model
 from patchmerger.training import (checkpoint, config_checks, evaluators, metrics, sharding,
@@ -182,6 +182,7 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
   first test images and exports the parameters as a public-layout `.npz`.
   Checkpoints are only read; every model parameter must come from them."""
   _check_config(config)
+  model_config.warn_if_different(source or workdir, config.model)
   from_npz = bool(source) and tf.io.gfile.exists(source) and not tf.io.gfile.isdir(source)
   model, mesh, image_shape, state, state_sharding, _ = _setup(config, initialise=from_npz)
   if from_npz:  # Public-layout weights, fitted to the config.
@@ -227,7 +228,7 @@ def evaluate_checkpoint(config: Any, workdir: str, builder: tfds.core.DatasetBui
     weights = merge_pictures.merge_weights(model, params, images)
     merge_pictures.draw(images, weights, pictures_path, config.input.mean, config.input.std)
   if export_path and jax.process_index() == 0:
-    export.export_npz(params, export_path)
+    export.export(params, 'npz', export_path, model_config=config.model)
   return results
 
 
@@ -262,6 +263,7 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   start_step = int(state.step)
   if restored is None and config.get('init_from'):  # Fine-tuning: start from weights.
     flat, layout = loading.load(config.init_from)
+    model_changes = model_config.warn_if_different(config.init_from, config.model)
     params, init_report = loading.adapt(  # to_host: FSDP may span hosts.
         flat, sharding.to_host(state.params), has_cls=model.classifier == 'token',
         dont_load=tuple(config.get('init_dont_load', ())),
@@ -272,9 +274,12 @@ def train(config: Any, workdir: str, builder: tfds.core.DatasetBuilder = None) -
   # create its workdir and add files to it.
   make_workdir(workdir)
   manager = manager or checkpoint.make_manager(workdir, config.keep_checkpoints)
+  if is_main:
+    model_config.write_run_config(workdir, config)
   if init_report and is_main:
     with tf.io.gfile.GFile(os.path.join(workdir, 'init_report.json'), 'w') as f:
-      json.dump({'init_from': config.init_from} | init_report.as_dict(), f, indent=1)
+      json.dump({'init_from': config.init_from, 'model_changes': model_changes}
+                | init_report.as_dict(), f, indent=1)
   writer = metrics.create_writer(workdir, is_main)
   state_mib = sharding.bytes_per_device(state) / 2 ** 20
   logging.info('Train state (params + optimizer): %.2f MiB per device, mesh %s', state_mib,
