@@ -115,7 +115,7 @@ def interleaved_inference(variant: str, settings: list[tuple[str, dict]], batch:
   for slot, reducer in settings:
     model_cfg, shape, classes = throughput.model_config(variant, slot, reducer)
     model = build_model(model_cfg, classes)
-    compiled.append(throughput.compiled_forward(model, batch, shape)[:3])
+    compiled.append(throughput.compiled_forward(model, batch, shape)[:3])  # Kept: reused.
   rates = [[] for _ in compiled]
   for _ in range(repeats):
     for index, (forward, params, images) in enumerate(compiled):
@@ -164,7 +164,8 @@ def main(argv):
       # Interleaved: this call gives cost, memory and (with --train) the step; the
       # inference rate comes from the round-robin below.
       row = throughput.measure(variant, slot, batch, 1 if _INTERLEAVE.value else repeats,
-                               1 if _INTERLEAVE.value else calls, train, reducer, hf=False)
+                               1 if _INTERLEAVE.value else calls, train, reducer, hf=False,
+                               keep_compiled=_INTERLEAVE.value)
       row['tome_r'] = tome_r if kind == 'tome' else None  # Constant r, from block 0.
       if kind == 'tome':
         row['merge_ms'] = time_tome_merges(variant, tome_r, batch, repeats, calls)
@@ -173,6 +174,7 @@ def main(argv):
         print(f'  batch {batch} {kind}: {row["infer_img_s"]:.1f} img/s', flush=True)
     if _INTERLEAVE.value:
       rates = interleaved_inference(variant, settings, batch, repeats, calls)
+      throughput._COMPILED.clear()  # This batch size's models: freed before the next.
       for row, rate in zip(batch_rows, rates):
         row.update(infer_img_s=rate, timing='interleaved')
         print(f'  batch {batch} {row["reducer"]}: {rate:.1f} img/s (interleaved)', flush=True)

@@ -130,9 +130,17 @@ def _step_config(batch: int):
   return config
 
 
-def compiled_forward(model, batch: int, shape: Sequence[int]) -> tuple:
+_COMPILED = {}  # (model, batch, shape) -> compiled_forward's result, for round-robin reuse.
+
+
+def compiled_forward(model, batch: int, shape: Sequence[int], keep: bool = False) -> tuple:
   """(compiled forward pass, params, images, compile seconds) of `model` on a fixed
-  batch of random images; the first call (warm-up) is done."""
+  batch of random images; the first call (warm-up) is done. With `keep`, the result
+  is kept for the next call with the same model, batch and shape (flax modules are
+  frozen dataclasses: equal configurations are equal keys)."""
+  key = (model, batch, tuple(shape))
+  if key in _COMPILED:
+    return _COMPILED[key]
   images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *shape), np.float32))
   params = jax.jit(model.init)(jax.random.key(0), images[:1])['params']
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x))
@@ -140,20 +148,24 @@ def compiled_forward(model, batch: int, shape: Sequence[int]) -> tuple:
   compiled = forward.lower(params, images).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(params, images))  # Warm-up.
+  if keep:
+    _COMPILED[key] = compiled, params, images, compile_s
   return compiled, params, images, compile_s
 
 
 def measure(variant: str, merger: str, batch: int, repeats: int, calls: int,
             train: bool, reducer: Optional[dict] = None, hf: Optional[bool] = None,
-            peak: Optional[float] = None, attention: Optional[str] = None) -> dict:
+            peak: Optional[float] = None, attention: Optional[str] = None,
+            keep_compiled: bool = False) -> dict:
   """One row: cost, size and speed of one model at one batch size (`hf`: time the
   transformers reference beside a plain model; None: the --hf_reference flag;
-  `peak`: TFLOP/s for the MFU columns, None: the device's)."""
+  `peak`: TFLOP/s for the MFU columns, None: the device's; `keep_compiled`: keep the
+  compiled forward pass for a later round-robin timing of the same model)."""
   peak = peak or utilisation.peak_tflops()[0]
   model_cfg, shape, classes = model_config(variant, merger, reducer, attention)
   model = build_model(model_cfg, classes)
   _check_options(model, model_cfg)
-  compiled, params, images, compile_s = compiled_forward(model, batch, shape)
+  compiled, params, images, compile_s = compiled_forward(model, batch, shape, keep_compiled)
   gflops = flops.forward_flops(model, shape) / 1e9
   infer = _median_rate(lambda: compiled(params, images), batch, repeats, calls)
   row = dict(variant=variant, merger=merger, image_size=shape[0], batch_size=batch,
