@@ -2,7 +2,8 @@ r"""Upstream training on ImageNet-1k from scratch (needs manual TFDS preparation
 
 Follows big_vision's `vit_s16_i1k` (Beyer et al. 2022, arXiv 2205.01580; 76.5% for
 S/16 in 90 epochs there): batch 1024, 90 epochs, Adam (0.9, 0.999) with learning rate
-1e-3, weight decay 1e-4, gradient clipping at 1, 10k warm-up steps then cosine decay,
+1e-3, weight decay 1e-4 (big_vision's `wd`, which does not scale with the learning rate:
+optax.adamw's 0.1 here, which does), gradient clipping at 1, 10k warm-up steps then cosine decay,
 softmax cross-entropy, a GAP head with a pre-logits layer as wide as the model,
 sincos2d position embeddings, inception crop and flip for training, a central 224
 crop of the 256 short side for evaluation, train[:99%] for training.
@@ -53,13 +54,13 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.skip_nonfinite_updates = 0    # 0: stop at NaN/Inf; N: skip <= N bad updates in a row
   config.optim = ml_collections.ConfigDict(dict(
-      name='adamw', b1=0.9, b2=0.999, weight_decay=0.0001, clip_norm=1.0,
+      name='adamw', b1=0.9, b2=0.999, weight_decay=0.1, clip_norm=1.0,  # = big_vision wd 1e-4
       mu_dtype=config_dict.placeholder(str)))  # Adam's first moment: None (f32) | bfloat16
   config.lr = ml_collections.ConfigDict(dict(
       base=1e-3, warmup_steps=10_000, decay='cosine', end_value=0.0))
 
   # Few-shot probes on the pre-logits (eval.py; --config.fewshot.every=N in training):
-  # 50,000 pool images hold about 50 per class.
+  # The first 50,000 training images hold about 50 per class.
   config.fewshot = common.fewshot_config(pool_examples=50_000, test_examples=10_000)
 
   config.log_every = 50

@@ -54,7 +54,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       base=1e-3, warmup_steps=10_000, decay='linear', end_value=1e-5))
 
   # Few-shot probes on the pre-logits (eval.py; --config.fewshot.every=N in training):
-  # 100,000 pool images hold about 5 per class of the 21,843.
+  # The first 100,000 training images hold 4 to 5 per class of the 21,843.
   config.fewshot = common.fewshot_config(pool_examples=100_000, test_examples=10_000, shots=(1, 5))
 
   config.log_every = 50

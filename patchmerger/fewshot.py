@@ -13,19 +13,26 @@ def sample_shots(labels: np.ndarray, shots: int, num_classes: int, seed: int = 0
 
 
 def ridge_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                   test_y: np.ndarray, num_classes: int, l2: float = 1.0) -> float:
+                   test_y: np.ndarray, num_classes: int, l2: float = 1.0,
+                   chunk: int = 1024) -> float:
   """Fits W = (X^T X + l2 I)^-1 X^T Y on standardised features (with a bias),
-  Y = ±1 one-hot; returns the accuracy of argmax(X_test W)."""
+  Y = ±1 one-hot; returns the accuracy of argmax(X_test W). Memory grows with
+  features x classes, never examples x classes (21,843 classes of ImageNet-21k:
+  X^T Y from per-class sums, test scores in chunks of `chunk` examples)."""
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
   def design(x):
     x = (x - mean) / std
     return np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1).astype(np.float64)
   x = design(train_x)
-  targets = 2 * np.eye(num_classes)[train_y] - 1
+  class_sums = np.zeros((num_classes, x.shape[1]))
+  np.add.at(class_sums, train_y, x)
+  xty = 2 * class_sums.T - x.sum(0)[:, None]  # X^T (2 one_hot(y) - 1)
   regulariser = l2 * np.eye(x.shape[1])
   regulariser[-1, -1] = 0.  # Do not shrink the bias.
-  weights = np.linalg.solve(x.T @ x + regulariser, x.T @ targets)
-  return float(np.mean(np.argmax(design(test_x) @ weights, axis=1) == test_y))
+  weights = np.linalg.solve(x.T @ x + regulariser, xty)
+  correct = sum(int(np.sum(np.argmax(design(test_x[i:i + chunk]) @ weights, axis=1)
+                           == test_y[i:i + chunk])) for i in range(0, len(test_x), chunk))
+  return correct / len(test_x)
 
 
 def fewshot_accuracies(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],

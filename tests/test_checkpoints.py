@@ -313,20 +313,23 @@ def test_transformers_export_refuses_models_their_parameters_cannot_tell(model, 
   assert not (tmp_path / 'hf').exists()
 
 
-@pytest.mark.parametrize('fmt, beside', [('npz', 'w.model.json'), ('big_vision', 'w.model.json'),
-                                         ('transformers', 'w.npz/patchmerger_model.json')])
-def test_every_export_writes_the_model_config_beside_the_weights(fmt, beside, tmp_path):
+@pytest.mark.parametrize('fmt, out, beside', [
+    ('npz', 'w.npz', 'w.model.json'), ('big_vision', 'w.npz', 'w.model.json'),
+    ('transformers', 'hf', 'hf/patchmerger_model.json')])
+def test_every_export_writes_the_model_config_beside_the_weights(fmt, out, beside, tmp_path):
   if fmt == 'transformers':
     pytest.importorskip('transformers')
   config = _tiny_model_config()
   model = _model(patch_size=8, width=16, depth=2, mlp_dim=32, num_heads=2)
-  export.export(_init(model), fmt, str(tmp_path / 'w.npz'), model_config=config)
+  export.export(_init(model), fmt, str(tmp_path / out), model_config=config)
   with open(tmp_path / beside) as f:
     written = json.load(f)
   assert written == json.loads(config.to_json_best_effort())
-  assert model_config.saved(str(tmp_path / 'w.npz')) == (written if fmt != 'transformers'
-                                                          else None)
-  assert model_config.differences(written, config) == []
+  # Read back from the export (a transformers directory also holds transformers' own
+  # config.json, which is not ours).
+  assert model_config.saved(str(tmp_path / out)) == written
+  changed = _tiny_model_config(classifier='gap')
+  assert model_config.differences(written, changed) == ['classifier: token -> gap']
 
 
 def test_runs_record_their_config_and_a_changed_model_is_reported(tmp_path, caplog):

@@ -93,3 +93,19 @@ def test_fewshot_pool_is_clipped_to_small_splits():
   assert evaluators._head(builder, 'train', 2000) == 'train'
   assert evaluators._head(builder, 'train', 100) == 'train[:100]'
   assert evaluators._head(builder, 'train[99%:]', 100) == 'train[99%:]'  # Used whole.
+
+
+def test_ridge_probe_equals_the_one_hot_regression_it_stands_for():
+  rng = np.random.default_rng(5)
+  train_x, train_y = rng.standard_normal((60, 7)), rng.integers(0, 4, 60)
+  test_x, test_y = rng.standard_normal((50, 7)), rng.integers(0, 4, 50)
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+  x = design(train_x)
+  regulariser = 2.0 * np.eye(8)
+  regulariser[-1, -1] = 0.
+  weights = np.linalg.solve(x.T @ x + regulariser, x.T @ (2 * np.eye(4)[train_y] - 1))
+  expected = np.mean(np.argmax(design(test_x) @ weights, axis=1) == test_y)
+  for chunk in (1, 7, 1024):  # Chunked scoring counts every test example once.
+    assert fewshot.ridge_accuracy(train_x, train_y, test_x, test_y, 4, l2=2.0,
+                                  chunk=chunk) == expected

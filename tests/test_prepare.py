@@ -193,3 +193,16 @@ def test_train_check_data_exit_codes(prepared, tmp_path):
   error = [l for l in missing.stderr.splitlines() if l.startswith('error:')]
   assert len(error) == 1 and 'python -m patchmerger.data.prepare --dataset=imagenet21k' in error[0]
   assert not os.listdir(tmp_path)  # Checking writes nothing.
+
+
+def test_fewshot_pools_take_the_first_examples_of_sliced_splits_too(prepared):
+  from patchmerger.training import evaluators
+  builder = tfds.builder('imagenet21k', data_dir=str(prepared[0]))
+  assert evaluators._head(builder, 'full', 5) == 'full[:5]'
+  assert evaluators._head(builder, 'full', 50) == 'full'
+  assert evaluators._head(builder, 'full[3:]', 5) == 'full[3:8]'    # As full[51200:] is.
+  assert evaluators._head(builder, 'full[:50%]', 4) == 'full[0:4]'  # As train[:99%] is.
+  assert evaluators._head(builder, 'full[3:]', 50) == 'full[3:]'    # Smaller: whole.
+  assert evaluators._head(builder, 'full[:2]+full[5:]', 3) == 'full[:2]+full[5:]'
+  examples = builder.as_dataset(split=evaluators._head(builder, 'full[3:]', 5))
+  assert sum(1 for _ in examples) == 5

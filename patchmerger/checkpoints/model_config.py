@@ -55,12 +55,16 @@ def write_beside(out: str, fmt: str, model_config: Any) -> str:
 def saved(source: str) -> Optional[dict]:
   """The model config stored with a run directory, an `.npz` export or a transformers
   export; None when there is none (public checkpoints, runs older than this file)."""
+  # A transformers directory holds transformers' own config.json beside ours: ours first.
   candidates = ([sidecar(source, 'npz')] if source.endswith('.npz') else
-                [os.path.join(source, RUN_CONFIG), os.path.join(source, TRANSFORMERS_FILE)])
+                [os.path.join(source, TRANSFORMERS_FILE), os.path.join(source, RUN_CONFIG)])
   for path in candidates:
     if epath.Path(path).is_file():
       value = json.loads(epath.Path(path).read_text())
-      return value['model'] if path.endswith(RUN_CONFIG) else value
+      if not path.endswith(RUN_CONFIG):
+        return value
+      if isinstance(value.get('model'), dict):  # Not some other tool's config.json.
+        return value['model']
   return None
 
 

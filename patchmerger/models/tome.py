@@ -91,7 +91,7 @@ class BipartiteMerge:
     if r <= 0:
       return x, sizes
 
-    metric = keys.mean(axis=2).astype(jnp.float32)
+    metric = keys.astype(jnp.float32).mean(axis=2)  # In float32: bf16 would blur near-ties.
     metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True).clip(1e-6)
     scores = jnp.einsum('bic,bjc->bij', metric[:, ::2], metric[:, 1::2])  # A x B cosines
     if self.has_cls_token:  # The class token is A's first row: it never merges.

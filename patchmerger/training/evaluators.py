@@ -33,15 +33,25 @@ def _features(fn, params, builder, split: str, input_config, batch_size: int, da
 
 
 def _head(builder: tfds.core.DatasetBuilder, split: str, count: int) -> str:
-  """The first `count` examples of `split` (all of it when it is smaller). A split
-  that is already sliced ('full[:51200]') is used whole: TFDS cannot slice it again."""
-  if '[' in split:
-    return split
+  """The first `count` examples of `split` (all of it when it is smaller). A sliced
+  split ('full[51200:]', 'train[:99%]') is narrowed to its first `count` examples;
+  a sum of splits ('train+validation') is used whole."""
+  if '[' not in split:
+    try:
+      available = builder.info.splits[split].num_examples
+    except KeyError:  # Split sizes unknown (e.g. TFDS mock data): slice by count.
+      return f'{split}[:{count}]'
+    return split if count >= available else f'{split}[:{count}]'
   try:
-    available = builder.info.splits[split].num_examples
-  except KeyError:  # Split sizes unknown (e.g. TFDS mock data): slice by count.
-    return f'{split}[:{count}]'
-  return split if count >= available else f'{split}[:{count}]'
+    parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  except (KeyError, ValueError, AssertionError):  # Split sizes unknown: used whole.
+    return split
+  if len(parts) != 1:
+    return split
+  name = parts[0].splitname
+  start = parts[0].from_ or 0  # TFDS writes None for the split's own ends.
+  stop = builder.info.splits[name].num_examples if parts[0].to is None else parts[0].to
+  return split if stop - start <= count else f'{name}[{start}:{start + count}]'
 
 
 def fewshot_eval(model: Any, params: Any, params_sharding: Any, mesh: Any,
