@@ -127,6 +127,7 @@ def test_reducer_benchmark_runs_every_reducer(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'benchmarks.reducers', '--variant=Ti/8', '--image_size=32',
        '--batch_sizes=2', '--merger=4@1/2', '--repeats=1', '--calls=1', '--notrain',
+       '--tome_r=2',  # The search for r has its own test (finds_the_tome_r_nearest...).
        f'--json={out_json}', f'--markdown={out_md}'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=900)

@@ -129,7 +129,8 @@ def _compare(classifier, image_size, patch, depth, reducer, seed=0, width=64, he
     dict(r=8, start_block=4),
 ], ids=['int', 'short-list', 'inflection', 'start_block'])
 def test_class_token_vit_with_197_tokens_matches_the_reference(reducer):
-  model = _compare('token', 224, 16, 12, reducer)
+  # 224px at patch 16: 196 patches and the class token; six blocks keep the compile short.
+  model = _compare('token', 224, 16, 6, reducer)
   assert sum(model.tome_r) > 0
 
 
