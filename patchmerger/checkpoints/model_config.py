@@ -36,7 +36,7 @@ def _write_json(path: str, value: Any) -> None:
 
 def write_run_config(workdir: str, config: Any) -> None:
   """The run's whole config, for exports and evaluations of its checkpoints."""
-  _write_json(os.path.join(workdir, RUN_CONFIG), json.loads(config.to_json_best_effort()))
+  _write_json(os.path.join(workdir, RUN_CONFIG), _as_dict(config))
 
 
 def sidecar(out: str, fmt: str) -> str:
