@@ -1,9 +1,11 @@
-r"""Evaluates the latest (or a given) checkpoint of a run on its test split.
+r"""Evaluates the latest (or a given) checkpoint of a run with every evaluator of its
+config (`config.evals`: test accuracy per class, few-shot probes, inference speed,
+merge pictures).
 
   python eval.py --config=configs/fashion_mnist.py --workdir=workdirs/fashion_mnist
   python eval.py --config=configs/fashion_mnist.py --workdir=W --checkpoint=params.npz
 
-Prints test accuracy and loss and writes WORKDIR/eval.json.
+Prints the results and writes WORKDIR/eval.json. To export weights: python export.py.
 """
 import json
 import os
@@ -22,49 +24,53 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Evaluate this run directo
                                   'go to WORKDIR.')
 _PICTURES = flags.DEFINE_boolean('merge_pictures', True,
                                  'Draw WORKDIR/merge_pictures.png (models with a merger).')
-_EXPORT = flags.DEFINE_string('export_npz', None, 'Also export the parameters to this .npz '
-                              '(google-research/vision_transformer layout).')
+_EXPORT = flags.DEFINE_string('export_npz', None, 'Moved: use python export.py --workdir=W '
+                              '--to=npz --out=PATH.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def report(results: dict) -> str:
+  """One line per result: 'test/accuracy' -> '  test accuracy   0.9012'."""
+  lines = [f'Checkpoint step {results["step"]}:']
+  for key, value in results.items():
+    if key == 'step':
+      continue
+    if isinstance(value, list):
+      text = ' '.join(f'{v:.3f}' for v in value)
+    elif isinstance(value, float):
+      text = f'{value:.0f}' if key.endswith('per_sec') else f'{value:.4f}'
+    else:
+      text = str(value)
+    lines.append(f'  {key.replace("/", " ").replace("_", " "):<24} {text}')
+  return '\n'.join(lines)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _EXPORT.value:
+    cli.fail(f'--export_npz moved to export.py: python export.py --workdir='
+             f'{_CHECKPOINT.value or _WORKDIR.value} --to=npz --out={_EXPORT.value}')
   import jax
   import tensorflow as tf
-  from patchmerger.data import input_pipeline, local
-  from patchmerger.training import loop
+  from patchmerger import evaluate
+  from patchmerger.data import input_pipeline
+  from patchmerger.training import config_checks
 
   def run():
     config = _CONFIG.value
     input_pipeline.hide_gpus_from_tensorflow()  # Before TensorFlow makes any tensor.
     cli.initialize_distributed(config.distributed)
-    loop.validate(config)
-    builder = local.ensure_prepared(config.dataset, config.data_dir)
-    # Merge pictures need weights over the patches: a reducer between blocks.
-    has_merger = (config.model.merger is not None and config.model.get('reducer', {}).get(
-        'kind', 'patchmerger') in ('patchmerger', 'tokenlearner', 'pool'))
-    pictures = os.path.join(_WORKDIR.value, 'merge_pictures.png')
-    results = loop.evaluate_checkpoint(config, _WORKDIR.value, builder, _STEP.value,
-                                       pictures_path=pictures if _PICTURES.value and has_merger
-                                       else None, export_path=_EXPORT.value,
-                                       source=_CHECKPOINT.value)
+    config_checks.validate(config)  # Bad settings fail before any data work.
+    skip = [name for name, spec in (config.get('evals') or {}).items()
+            if not _PICTURES.value and spec.get('kind', name) == 'merge_pictures']
+    results = evaluate.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value,
+                                           source=_CHECKPOINT.value, skip=skip)
     if jax.process_index() == 0:  # The workdir is made only once evaluation succeeded.
       tf.io.gfile.makedirs(_WORKDIR.value)  # Local or object storage (gs://...).
       with tf.io.gfile.GFile(os.path.join(_WORKDIR.value, 'eval.json'), 'w') as f:
         json.dump(results, f, indent=2)
-    print(f'Checkpoint step {results["step"]} on {results["test/examples"]} test examples:')
-    print(f'  test accuracy      {results["test/accuracy"]:.4f}')
-    print(f'  test loss          {results["test/loss"]:.4f}')
-    print(f'  inference          {results["test/images_per_sec"]:.0f} images/s')
-    for key in sorted((k for k in results if k.startswith('fewshot/')),
-                      key=lambda k: int(k.split('/')[1].removesuffix('shot'))):
-      print(f'  {key:<18} {results[key]:.4f}')
-    print('  per class          ' + ' '.join(f'{a:.3f}' for a in results['test/class_accuracy']))
-    if _PICTURES.value and has_merger:
-      print(f'Merge pictures: {pictures}')
-    if _EXPORT.value:
-      print(f'Exported parameters: {_EXPORT.value}')
+    print(report(results))
 
   cli.run_reporting_errors(run, read_only=True)
 

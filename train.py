@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors do not pay for jax/tf start-up.
-  from patchmerger.data import input_pipeline, local
+  from patchmerger.data import local
   from patchmerger.training import loop
 
   if _CHECK_DATA.value:
@@ -33,16 +33,13 @@ def main(argv):
     cli.fail('--workdir is required (except with --check_data).')
 
   def run():
-    config = _CONFIG.value
-    input_pipeline.hide_gpus_from_tensorflow()  # Before TensorFlow makes any tensor.
-    cli.initialize_distributed(config.distributed)
-    loop.validate(config)  # Bad model settings fail before any data work.
-    loop.ensure_writable(_WORKDIR.value)
-    builder = local.ensure_prepared(config.dataset, config.data_dir)
-    summary = loop.train(config, _WORKDIR.value, builder)
-    print(f'Final test accuracy: {summary["test/accuracy"]:.4f} '
-          f'(test loss {summary["test/loss"]:.4f}) after {summary["step"]} steps; '
-          f'training {summary.get("train/images_per_sec", float("nan")):.0f} images/s; '
+    cli.initialize_distributed(_CONFIG.value.distributed)
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    accuracy = (f'Final test accuracy: {summary["test/accuracy"]:.4f} '
+                f'(test loss {summary["test/loss"]:.4f})' if 'test/accuracy' in summary
+                else 'Finished')
+    print(f'{accuracy} after {summary["step"]} steps; training '
+          f'{summary.get("train/images_per_sec", float("nan")):.0f} images/s; '
           f'{summary["gflops_per_image"]:.4f} GFLOPs/image.', flush=True)
 
   cli.run_reporting_errors(run)

@@ -5,11 +5,11 @@ r"""Accuracy of the token reducers at equal steps on Fashion-MNIST, with 64 toke
 
 The model: 32px images, patch 4 without a convolution stem (8x8 = 64 tokens),
 width 64, depth 4, MLP 128, 4 heads, GAP head; otherwise configs/fashion_mnist.py.
-Every method trains --steps steps per seed through `loop.train` (train.py's code):
+Every method trains --steps steps per seed through `loop.train_and_evaluate` (train.py's code):
 plain (`reducer=none`), PatchMerger, TokenLearner and pool in the --merger slot,
 and ToMe with --train_tome_r merges per block (without proportional attention, as
 ToMe's authors train it); warm-up is a tenth of the steps.
-Then every run is evaluated with `loop.evaluate_checkpoint` (eval.py's code) for
+Then every run is evaluated with `evaluate.evaluate_checkpoint` (eval.py's code) for
 its test accuracy, and ToMe is applied without training to each trained plain
 model at every --tome_r (as `eval.py --checkpoint=PLAIN_RUN --config.model.reducer.kind=tome
 --config.model.reducer.r=R` does). Inference images/s time the compiled forward
@@ -57,7 +57,7 @@ def experiment_config(kind: str, seed: int, r: int = 0, trained: bool = True):
     config.model.reducer.proportional_attention = _TRAIN_TOME_PROPORTIONAL.value
   config.seed = seed
   config.lr.warmup_steps = _STEPS.value // 10  # The default 200 would fill a short run.
-  config.eval_every = _STEPS.value
+  config.evals.test.every = _STEPS.value
   config.checkpoint_every = _STEPS.value
   config.keep_checkpoints = 1
   return config
@@ -88,6 +88,7 @@ def main(argv):
   from patchmerger import flops
   from patchmerger.data import local
   from patchmerger.models import build_model
+  from patchmerger import evaluate as evaluate_lib
   from patchmerger.training import loop
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)
@@ -95,7 +96,8 @@ def main(argv):
   rows = []
 
   def evaluate(config, workdir, source=None):
-    result = loop.evaluate_checkpoint(config, workdir, builder, fewshot=False, source=source)
+    result = evaluate_lib.evaluate_checkpoint(config, workdir, builder, source=source,
+                                              skip=('fewshot', 'merge_pictures', 'throughput'))
     image_shape = (config.input.image_size,) * 2 + (config.input.channels,)
     return {'test/accuracy': result['test/accuracy'],
             'infer_images_per_sec': inference_rate(config),
@@ -108,7 +110,7 @@ def main(argv):
       workdir = os.path.join(root, f'{kind}_seed{seed}')
       logging.info('Training %s', workdir)
       summary = _cached(os.path.join(workdir, 'train_result.json'), lambda: {
-          k: v for k, v in loop.train(config, workdir, builder).items()
+          k: v for k, v in loop.train_and_evaluate(config, workdir, builder).items()
           if isinstance(v, (int, float))})
       evaluation = _cached(os.path.join(workdir, 'eval_result.json'),
                            lambda: evaluate(config, workdir))

@@ -74,13 +74,29 @@ def reducer_config(kind: str = 'patchmerger') -> ml_collections.ConfigDict:
 
 
 def fewshot_config(pool_examples: int, test_examples: int,
-                   shots: tuple[int, ...] = (1, 5, 10, 25)) -> ml_collections.ConfigDict:
-  """The `fewshot` section: linear probes on the pre-logits, fitted on `shots` examples
+                   shots: tuple[int, ...] = (1, 5, 10, 25)) -> dict:
+  """A `fewshot` evaluator: linear probes on the pre-logits, fitted on `shots` examples
   per class drawn from the first `pool_examples` of the train split, scored on the first
-  `test_examples` of the test split (eval.py; during training every `every` steps)."""
-  return ml_collections.ConfigDict(dict(
-      every=0,                         # 0: only in eval.py
-      shots=shots, pool_examples=pool_examples, test_examples=test_examples, l2=1.0))
+  `test_examples` of the test split."""
+  return dict(kind='fewshot', every=0, shots=shots, pool_examples=pool_examples,
+              test_examples=test_examples, l2=1.0)
+
+
+def evals_config(every: int, fewshot: Optional[dict] = None) -> ml_collections.ConfigDict:
+  """The `evals` section (patchmerger/evaluators): NAME -> {kind, every, ...}, run in
+  name order. `every`: steps between evaluations in training (and the last step);
+  0: only in eval.py."""
+  evals = dict(
+      test=dict(kind='classification', every=every,
+                split=''),                 # '': config.test_split
+      throughput=dict(kind='throughput', every=0, batches=10,
+                      prefix='test'),      # metric test/images_per_sec
+      merge_pictures=dict(kind='merge_pictures', every=0, images=4,
+                          path=''),        # '': WORKDIR/merge_pictures.png
+  )
+  if fewshot:
+    evals['fewshot'] = fewshot
+  return ml_collections.ConfigDict(evals)
 
 
 def model_config(variant: str, merger: str, reducer: str = 'patchmerger',

@@ -64,12 +64,14 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.lr = ml_collections.ConfigDict(dict(
       base=1e-3, warmup_steps=200, decay='cosine', end_value=0.0))
 
-  # Few-shot linear probes on the pre-logits (eval.py; during training every N steps).
-  config.fewshot = common.fewshot_config(pool_examples=2_000, test_examples=2_000)
 
   # Loop.
   config.log_every = 50
-  config.eval_every = max(arg.steps // 2, 1)
+  # Test accuracy every N steps; few-shot probes on the pre-logits, inference speed and
+  # merge pictures in eval.py (--config.evals.NAME.every=N runs one in training too).
+  config.evals = common.evals_config(
+      every=max(arg.steps // 2, 1),
+      fewshot=common.fewshot_config(pool_examples=2_000, test_examples=2_000))
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.mesh = ml_collections.ConfigDict(dict(

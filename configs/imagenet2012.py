@@ -59,12 +59,14 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.lr = ml_collections.ConfigDict(dict(
       base=1e-3, warmup_steps=10_000, decay='cosine', end_value=0.0))
 
-  # Few-shot probes on the pre-logits (eval.py; --config.fewshot.every=N in training):
-  # The first 50,000 training images hold about 50 per class.
-  config.fewshot = common.fewshot_config(pool_examples=50_000, test_examples=10_000)
 
   config.log_every = 50
-  config.eval_every = 2500
+  # Few-shot probes, inference speed and merge pictures run in eval.py
+  # (--config.evals.NAME.every=N runs one in training too).
+  config.evals = common.evals_config(
+      every=2500,
+      # The first 50,000 training images hold about 50 per class.
+      fewshot=common.fewshot_config(pool_examples=50_000, test_examples=10_000))
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.mesh = ml_collections.ConfigDict(dict(

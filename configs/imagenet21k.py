@@ -53,12 +53,14 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.lr = ml_collections.ConfigDict(dict(
       base=1e-3, warmup_steps=10_000, decay='linear', end_value=1e-5))
 
-  # Few-shot probes on the pre-logits (eval.py; --config.fewshot.every=N in training):
-  # The first 100,000 training images hold 4 to 5 per class of the 21,843.
-  config.fewshot = common.fewshot_config(pool_examples=100_000, test_examples=10_000, shots=(1, 5))
 
   config.log_every = 50
-  config.eval_every = 5000
+  # Few-shot probes, inference speed and merge pictures run in eval.py
+  # (--config.evals.NAME.every=N runs one in training too).
+  config.evals = common.evals_config(
+      every=5000,
+      # The first 100,000 training images hold 4 to 5 per class of the 21,843.
+      fewshot=common.fewshot_config(pool_examples=100_000, test_examples=10_000, shots=(1, 5)))
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.mesh = ml_collections.ConfigDict(dict(

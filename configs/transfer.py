@@ -73,11 +73,13 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       base=lr, warmup_steps=min(warmup, config.total_steps // 2), decay='cosine',
       end_value=0.0))
 
-  # Few-shot probes on the pre-logits (eval.py; --config.fewshot.every=N in training).
-  config.fewshot = common.fewshot_config(pool_examples=10_000, test_examples=10_000)
 
   config.log_every = 50
-  config.eval_every = max(config.total_steps // 5, 1)
+  # Few-shot probes, inference speed and merge pictures run in eval.py
+  # (--config.evals.NAME.every=N runs one in training too).
+  config.evals = common.evals_config(
+      every=max(config.total_steps // 5, 1),
+      fewshot=common.fewshot_config(pool_examples=10_000, test_examples=10_000))
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 12))

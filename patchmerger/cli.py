@@ -1,4 +1,6 @@
-"""Shared behaviour of the command-line entry points: one clear line per bad input."""
+"""Shared behaviour of the command-line entry points (train.py, eval.py, sweep.py,
+export.py, prepare_data.py): one clear line per bad input. The library never imports
+this module."""
 import logging as std_logging
 import os
 import re
@@ -7,10 +9,12 @@ from typing import Callable, NoReturn, Union
 
 from absl import flags
 
-# Errors that mean "the input is wrong", reported as one line; anything else is a
-# bug of ours and keeps its traceback.
-USER_ERRORS = (ValueError, KeyError, AttributeError, FileNotFoundError, PermissionError,
-               FloatingPointError, RuntimeError)
+from patchmerger import config_renames, errors
+
+# Errors that mean "the input is wrong", reported as one line: ours, and the operating
+# system's about a path the user gave. Anything else is a bug of ours and keeps its
+# traceback.
+USER_ERRORS = (errors.UserError, FileNotFoundError, PermissionError)
 
 
 # Multi-process runs (train.py, eval.py); each defaults to its JAX_* environment variable.
@@ -22,7 +26,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process ($JAX_PROCE
 
 def initialize_distributed(requested: Union[bool, str]) -> None:
   """jax.distributed from the cluster flags, the environment or config.distributed."""
-  from patchmerger.training import sharding
+  from patchmerger.training import sharding  # Imports jax: not before flags are parsed.
   sharding.maybe_initialize_distributed(requested, _COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
 
@@ -48,6 +52,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     fail(_innermost_message(str(e)))
   except (KeyError, AttributeError, ValueError, TypeError) as e:  # Bad --config.* override.
+    for arg in argv:  # A key that moved: name where it went.
+      if arg.startswith('--config.'):
+        moved = config_renames.renamed_key(arg[len('--config.'):].split('=', 1)[0])
+        if moved:
+          fail(moved)
     fail(f'bad config override: {_innermost_message(str(e))}')
 
 
@@ -63,10 +72,9 @@ def run_reporting_errors(fn: Callable[[], None], read_only: bool = False) -> Non
   to restore can leave tensorstore/orbax threads whose asyncio callbacks print pages of
   tracebacks during interpreter shutdown, and such a program has nothing to flush.
   """
-  from patchmerger.training.loop import Preempted
   try:
     fn()
-  except Preempted as e:
+  except errors.Preempted as e:
     sys.stderr.write(f'{e}\n')
     sys.exit(SIGNAL_EXIT_CODES.get(e.signal_name, 143))
   except USER_ERRORS as e:

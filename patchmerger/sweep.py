@@ -1,21 +1,25 @@
 """Sweeps: the cross product of config overrides, one run per sub-workdir.
 
-Every run goes through `loop.train`, the code path of `train.py`; a finished run
+Every run goes through `loop.train_and_evaluate`, the code path of `train.py`; a finished run
 leaves `result.json` in its sub-workdir, so running the same sweep again skips it
-and resumes any unfinished one from its checkpoint.
+and resumes any unfinished one from its checkpoint. `sweep.py` is its command line.
 """
 import ast
 import copy
 import csv
+import importlib.util
 import itertools
 import json
 import os
 import re
 import shlex
 import time
-from typing import Any, Callable, Optional, Sequence
+import types
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ml_collections
+
+from patchmerger.errors import ConfigError, UnknownKeyError
 
 Overrides = dict[str, Any]
 RESULT_FILE = 'result.json'
@@ -27,8 +31,8 @@ def _field_type(config: ml_collections.ConfigDict, key: str) -> type:
   node, parts = config, key.split('.')
   for depth, part in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise KeyError(f'Unknown sweep key {key!r}: {".".join(parts[:depth + 1])!r} is not in '
-                     'the config.')
+      raise UnknownKeyError(f'Unknown sweep key {key!r}: {".".join(parts[:depth + 1])!r} is not in '
+                            'the config.')
     if depth == len(parts) - 1:
       return node.get_type(part)
     node = node[part]
@@ -41,18 +45,18 @@ def typed_value(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
     return text
   if kind is bool:
     if text.lower() not in ('true', 'false', '1', '0'):
-      raise ValueError(f'Sweep value {text!r} for {key} is not a bool.')
+      raise ConfigError(f'Sweep value {text!r} for {key} is not a bool.')
     return text.lower() in ('true', '1')
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise ValueError(f'Sweep value {text!r} for {key} is not a {kind.__name__}.') from None
+    raise ConfigError(f'Sweep value {text!r} for {key} is not a {kind.__name__}.') from None
   if kind is float and isinstance(value, int):
     value = float(value)
   if kind is tuple and isinstance(value, list):
     value = tuple(value)
   if not isinstance(value, kind):
-    raise ValueError(f'Sweep value {text!r} for {key} is not a {kind.__name__}.')
+    raise ConfigError(f'Sweep value {text!r} for {key} is not a {kind.__name__}.')
   return value
 
 
@@ -68,8 +72,8 @@ def parse_sweeps(config: ml_collections.ConfigDict, specs: Sequence[str]) -> lis
     key = key.strip()
     texts = [v.strip() for v in values.split(',') if v.strip()] if sep else []
     if not key or not texts:
-      raise ValueError(f'Bad sweep {spec!r}: expected KEY=VALUE,VALUE,... with at least '
-                       'one value.')
+      raise ConfigError(f'Bad sweep {spec!r}: expected KEY=VALUE,VALUE,... with at least '
+                        'one value.')
     if key.startswith(ARG_PREFIX):
       axes.append([(key, text) for text in texts])
     else:
@@ -91,7 +95,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides
     try:
       node[leaf] = value
     except TypeError as e:
-      raise ValueError(f'Sweep value {value!r} does not fit {key}: {e}') from None
+      raise ConfigError(f'Sweep value {value!r} does not fit {key}: {e}') from None
   return config
 
 
@@ -110,6 +114,48 @@ def with_arg_overrides(config_arg: str, overrides: Overrides) -> str:
   items.update({k[len(ARG_PREFIX):]: str(v) for k, v in overrides.items()
                 if k.startswith(ARG_PREFIX)})
   return path + (':' + ','.join(f'{k}={v}' for k, v in items.items()) if items else '')
+
+
+# The config file behind --config=FILE[:ARGS]: its get_sweep(), and get_config() again
+# for each run, since `arg.` keys change the arg string the config is built from.
+
+def config_module(config_arg: str) -> types.ModuleType:
+  """The config file of 'FILE[:ARGS]', loaded as a module."""
+  path = config_arg.partition(':')[0]
+  spec = importlib.util.spec_from_file_location('swept_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def config_sweep(module: types.ModuleType, config_arg: str) -> list[Overrides]:
+  """The runs of the config file's get_sweep(ARGS): the sweep when none is given."""
+  path, _, arg = config_arg.partition(':')
+  if not hasattr(module, 'get_sweep'):
+    raise ConfigError(f'Give --sweep=KEY=VALUES, or define get_sweep() in {path}.')
+  return module.get_sweep(arg or None)
+
+
+def flag_overrides(base_flags: Sequence[str]) -> dict[str, str]:
+  """['--config.lr.base=0.1'] -> {'lr.base': '0.1'}: the overrides given for every run."""
+  return dict(flag[len('--config.'):].split('=', 1) for flag in base_flags)
+
+
+def config_for(module: types.ModuleType, config_arg: str, base_overrides: Mapping[str, str],
+               overrides: Overrides) -> ml_collections.ConfigDict:
+  """A run's base config: the config file rebuilt with the run's arg string, plus the
+  overrides for every run, typed as their fields (`overrides` are applied later)."""
+  arg = with_arg_overrides(config_arg, overrides).partition(':')[2]
+  base = module.get_config(arg or None)
+  typed = {k: typed_value(base, k, v) for k, v in base_overrides.items()}
+  return apply_overrides(base, typed)
+
+
+def run_configs(runs: Sequence[Overrides],
+                base_config: Callable[[Overrides], ml_collections.ConfigDict]
+                ) -> list[ml_collections.ConfigDict]:
+  """Each run's full config; unknown keys and wrong types fail here, before any run."""
+  return [apply_overrides(base_config(overrides), overrides) for overrides in runs]
 
 
 def train_command(config_arg: str, base_flags: Sequence[str], workdir: str,
@@ -136,7 +182,7 @@ def run_sweep(config: ml_collections.ConfigDict, root: str, runs: Sequence[Overr
   by default every run starts from `config`. All run configs are built and
   validated before the first run starts.
   """
-  configs = [apply_overrides(config_for(o) if config_for else config, o) for o in runs]
+  configs = run_configs(runs, config_for or (lambda overrides: config))
   if validate_fn:
     for run_config in configs:
       validate_fn(run_config)

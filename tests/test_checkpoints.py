@@ -220,13 +220,13 @@ def test_transformers_export_refuses_what_it_cannot_hold(overrides, reason, tmp_
 
 
 def test_finetuning_from_a_big_vision_export_of_a_run(tmp_path, caplog):
-  upstream = tiny.tiny_config(total_steps=4, eval_every=4, checkpoint_every=4)
+  upstream = tiny.tiny_config(total_steps=4, **{'evals.test.every': 4}, checkpoint_every=4)
   tiny.run(str(tmp_path / 'up'), upstream)
   export.export(loading.load_orbax_params(str(tmp_path / 'up')), 'big_vision',
                 str(tmp_path / 'bv.npz'))
   caplog.set_level('INFO')
   for source in ('up', 'bv.npz'):
-    finetune = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2,
+    finetune = tiny.tiny_config(total_steps=2, **{'evals.test.every': 2}, checkpoint_every=2,
                                 init_from=str(tmp_path / source))
     tiny.run(str(tmp_path / f'ft_{source}'), finetune)
     with open(tmp_path / f'ft_{source}' / 'init_report.json') as f:
@@ -239,7 +239,7 @@ def test_finetuning_from_a_big_vision_export_of_a_run(tmp_path, caplog):
   first_loss = lambda d: [r['train/loss'] for r in metrics.read_metrics(str(tmp_path / d))
                           if 'train/loss' in r][0]
   assert first_loss('ft_up') == first_loss('ft_bv.npz')  # The same weights either way.
-  tiny.run(str(tmp_path / 'scratch'), tiny.tiny_config(total_steps=2, eval_every=2,
+  tiny.run(str(tmp_path / 'scratch'), tiny.tiny_config(total_steps=2, **{'evals.test.every': 2},
                                                        checkpoint_every=2))
   assert first_loss('ft_up') != first_loss('scratch')  # It did not start from the init.
 
@@ -268,7 +268,7 @@ def test_export_command_writes_npz_and_refuses_transformers_for_a_merger_run(tmp
   from tests import test_cli
   tiny.run(str(tmp_path), tiny.tiny_config(total_steps=3))
   env = dict(os.environ, PYTHONPATH=test_cli.ROOT)
-  command = [sys.executable, '-m', 'patchmerger.export', f'--workdir={tmp_path}']
+  command = [sys.executable, 'export.py', f'--workdir={tmp_path}']
   done = subprocess.run(command + ['--to=npz'], cwd=test_cli.ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -333,13 +333,13 @@ def test_every_export_writes_the_model_config_beside_the_weights(fmt, out, besid
 
 
 def test_runs_record_their_config_and_a_changed_model_is_reported(tmp_path, caplog):
-  upstream = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2)
+  upstream = tiny.tiny_config(total_steps=2, **{'evals.test.every': 2}, checkpoint_every=2)
   upstream.model.merger = None
   tiny.run(str(tmp_path / 'up'), upstream)
   assert model_config.saved(str(tmp_path / 'up')) == json.loads(
       upstream.model.to_json_best_effort())
   # Fine-tuning with a merger inserted: allowed, and reported.
-  finetune = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2,
+  finetune = tiny.tiny_config(total_steps=2, **{'evals.test.every': 2}, checkpoint_every=2,
                               init_from=str(tmp_path / 'up'))
   caplog.set_level('WARNING')
   tiny.run(str(tmp_path / 'ft'), finetune)
@@ -352,7 +352,7 @@ def test_runs_record_their_config_and_a_changed_model_is_reported(tmp_path, capl
   from tests import test_cli
   env = dict(os.environ, PYTHONPATH=test_cli.ROOT)
   os.remove(tmp_path / 'up' / model_config.RUN_CONFIG)
-  refused = subprocess.run([sys.executable, '-m', 'patchmerger.export',
+  refused = subprocess.run([sys.executable, 'export.py',
                             f'--workdir={tmp_path / "up"}', '--to=npz'], cwd=test_cli.ROOT,
                            env=env, capture_output=True, text=True, timeout=300)
   errors = test_cli.error_lines(refused.stderr)

@@ -79,3 +79,35 @@ def test_bad_input_leaves_workdir_and_init_from_untouched(make_args, message, tm
   assert not workdir.exists()
   after = sorted((str(p), p.read_bytes() if p.is_file() else b'') for p in tmp_path.rglob('*'))
   assert after == before
+
+
+@pytest.mark.parametrize('script,args,message', [
+    ('train.py', ['--config.eval_every=5'],
+     'config.eval_every is now config.evals.test.every'),
+    ('train.py', ['--config.fewshot.every=5'],
+     'config.fewshot.every is now config.evals.fewshot.every'),
+    ('eval.py', ['--export_npz=w.npz'], '--export_npz moved to export.py: python export.py'),
+])
+def test_moved_keys_and_flags_name_their_new_home(script, args, message, tmp_path):
+  code, stderr = _run(script, '--config=configs/fashion_mnist.py', f'--workdir={tmp_path}',
+                      *args)
+  assert code == 2 and error_lines(stderr) == [f'error: {error_lines(stderr)[0][7:]}']
+  assert message in stderr, stderr[-2000:]
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(capsys):
+  from patchmerger import cli, errors
+
+  def bug():
+    return {}['missing']
+
+  with pytest.raises(KeyError):  # Not turned into "error: 'missing'".
+    cli.run_reporting_errors(bug)
+
+  def bad_config():
+    raise errors.ConfigError('config.x must be >= 1, got 0.\nmore detail')
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run_reporting_errors(bad_config)
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == 'error: config.x must be >= 1, got 0.\n'

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from patchmerger import errors
 from patchmerger.data import input_pipeline, local
 
 
@@ -79,14 +80,14 @@ def _offline_download(self, *args, **kwargs):
 
 
 def test_unprepared_dataset_fails_with_how_to_get_it(tmp_path, monkeypatch):
-  with pytest.raises(local.DatasetNotPreparedError, match='tfds build imagenet2012'):
+  with pytest.raises(errors.DataError, match='tfds build imagenet2012'):
     local.ensure_prepared('imagenet2012', str(tmp_path))
-  with pytest.raises(local.DatasetNotPreparedError, match='not a TFDS dataset'):
+  with pytest.raises(errors.DataError, match='not a TFDS dataset'):
     local.ensure_prepared('imagenet21k', str(tmp_path))
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', _offline_download)
   local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, str(tmp_path / 'absent'))
   try:
-    with pytest.raises(local.DatasetNotPreparedError, match='apt-get install dataset-fashion-mnist'):
+    with pytest.raises(errors.DataError, match='apt-get install dataset-fashion-mnist'):
       local.ensure_prepared('fashion_mnist', str(tmp_path))
   finally:
     local.LOCAL_SOURCES['fashion_mnist'] = (local.prepare_fashion_mnist, local.FASHION_MNIST_DIR)
@@ -106,7 +107,7 @@ def test_fashion_mnist_without_the_debian_package_comes_from_tfds_download(tmp_p
   assert calls[0][1].startswith(str(tmp_path))
   # Offline too: one line that names both sources and the download's reason.
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', _offline_download)
-  with pytest.raises(local.DatasetNotPreparedError) as error:
+  with pytest.raises(errors.DataError) as error:
     local.ensure_prepared('fashion_mnist', str(tmp_path))
   message = str(error.value)
   assert '\n' not in message

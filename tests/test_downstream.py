@@ -19,7 +19,8 @@ ARG = 'variant=Ti/8,merger=4@1'
 def _tiny(config, res):
   config.model.update(**TINY_MODEL)
   config.input.update(image_size=res, shuffle_buffer=16)
-  config.update(batch_size=4, total_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+  config.update(batch_size=4, total_steps=2, log_every=1, checkpoint_every=2)
+  config.evals.test.every = 2
   config.lr.warmup_steps = 1
   return config
 
@@ -31,7 +32,7 @@ def upstream_run(tmp_path_factory):
   config = _tiny(transfer.get_config(f'dataset=cifar10,{ARG},res=16'), 16)
   config.total_steps = 1
   with mock_images(8):
-    loop.train(config, str(workdir), tfds.builder('cifar10'))
+    loop.train_and_evaluate(config, str(workdir), tfds.builder('cifar10'))
   return str(workdir)
 
 
@@ -43,7 +44,7 @@ def test_transfer_fine_tunes_every_dataset_at_another_resolution(dataset, upstre
   config.init_from = upstream_run
   with mock_images(12):
     builder = tfds.builder(dataset)
-    summary = loop.train(config, str(tmp_path), builder)
+    summary = loop.train_and_evaluate(config, str(tmp_path), builder)
   assert summary['step'] == 2 and np.isfinite(summary['train/loss'])
   assert 0 <= summary['test/accuracy'] <= 1
 
@@ -71,7 +72,7 @@ def test_image_folder_fine_tunes_from_one_of_our_runs(upstream_run, tmp_path):
   config = _folder_config(root, 3)
   config.update(init_from=upstream_run, data_dir=str(tmp_path / 'tfds'))
   builder = local.ensure_prepared(config.dataset, config.data_dir)
-  summary = loop.train(config, str(tmp_path / 'run'), builder)
+  summary = loop.train_and_evaluate(config, str(tmp_path / 'run'), builder)
   assert summary['step'] == 2 and summary['test/examples'] == 12
 
 
@@ -86,9 +87,7 @@ def test_folder_with_another_class_count_fails_with_one_line_and_keeps_the_workd
   config.data_dir = str(tmp_path / 'tfds')
 
   def run():  # As train.py runs it.
-    loop.validate(config)
-    loop.ensure_writable(str(workdir))
-    loop.train(config, str(workdir), local.ensure_prepared(config.dataset, config.data_dir))
+    loop.train_and_evaluate(config, str(workdir))
 
   with pytest.raises(SystemExit) as exit_info:
     cli.run_reporting_errors(run)

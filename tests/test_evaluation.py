@@ -4,10 +4,11 @@ import pytest
 import tensorflow_datasets as tfds
 from matplotlib import image as mpimg
 
-from patchmerger import fewshot, merge_pictures
-from patchmerger.checkpoints import loading
+from patchmerger import evaluate
+from patchmerger.checkpoints import export, loading
+from patchmerger.evaluators import fewshot, merge_pictures
 from patchmerger.models import build_model
-from patchmerger.training import loop
+from patchmerger.training import metrics, setup as setup_lib
 from tests import tiny
 
 
@@ -53,13 +54,12 @@ def test_merge_picture_has_one_panel_per_merged_token(tmp_path):
 
 def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
   config = tiny.tiny_config(total_steps=3)
-  config.fewshot.update(shots=(1, 2), pool_examples=48, test_examples=48)
+  config.evals.fewshot.update(shots=(1, 2), pool_examples=48, test_examples=48)
+  config.evals.merge_pictures.path = str(tmp_path / 'merge.png')
   summary = tiny.run(str(tmp_path), config)
   with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES):
     builder = tfds.builder(config.dataset)
-    results = loop.evaluate_checkpoint(config, str(tmp_path), builder,
-                                       pictures_path=str(tmp_path / 'merge.png'),
-                                       export_path=str(tmp_path / 'w.npz'))
+    results = evaluate.evaluate_checkpoint(config, str(tmp_path), builder)
   assert results['test/accuracy'] == summary['test/accuracy']
   counts = len(results['test/class_accuracy'])
   assert counts == 10 and all(0 <= a <= 1 for a in results['test/class_accuracy'])
@@ -67,15 +67,18 @@ def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
                                                                  'fewshot/2shot'}
   assert results['test/images_per_sec'] > 0
   assert (tmp_path / 'merge.png').read_bytes()[:4] == b'\x89PNG'
-  # eval.py --checkpoint=w.npz: the exported weights evaluate to the same accuracy.
+  # export.py --to=npz, then eval.py --checkpoint=w.npz: the same accuracy.
+  export.export(loading.load_orbax_params(str(tmp_path)), 'npz', str(tmp_path / 'w.npz'),
+                model_config=config.model)
   with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES):
-    from_npz = loop.evaluate_checkpoint(config, str(tmp_path / 'other'), builder, fewshot=False,
-                                        source=str(tmp_path / 'w.npz'))
+    from_npz = evaluate.evaluate_checkpoint(config, str(tmp_path / 'other'), builder,
+                                            skip=('fewshot', 'merge_pictures'),
+                                            source=str(tmp_path / 'w.npz'))
   assert from_npz['test/accuracy'] == results['test/accuracy']
   # The exported weights reproduce the checkpoint's logits.
   model = build_model(config.model, 10)
-  state = loop._setup(config).state
-  from patchmerger.training import checkpoint
+  state = setup_lib.setup(config).state
+  from patchmerger.checkpoints import manager as checkpoint
   restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path), 5), 3, state)
   flat, _ = loading.load(str(tmp_path / 'w.npz'))
   adapted, report = loading.adapt(flat, restored.params, has_cls=False)
@@ -87,7 +90,7 @@ def test_evaluate_checkpoint_reports_everything_and_exports_npz(tmp_path):
 
 def test_fewshot_pool_is_clipped_to_small_splits():
   from types import SimpleNamespace
-  from patchmerger.training import evaluators
+  from patchmerger.evaluators import fewshot as evaluators
   builder = SimpleNamespace(info=SimpleNamespace(splits={'train': SimpleNamespace(
       num_examples=1437)}))
   assert evaluators._head(builder, 'train', 2000) == 'train'
@@ -109,3 +112,17 @@ def test_ridge_probe_equals_the_one_hot_regression_it_stands_for():
   for chunk in (1, 7, 1024):  # Chunked scoring counts every test example once.
     assert fewshot.ridge_accuracy(train_x, train_y, test_x, test_y, 4, l2=2.0,
                                   chunk=chunk) == expected
+
+
+def test_each_evaluator_runs_at_its_own_every_in_training(tmp_path):
+  config = tiny.tiny_config(total_steps=4)
+  config.evals.test.every = 3                # Steps 3 and 4 (the last).
+  config.evals.fewshot.update(every=2, shots=(1,), pool_examples=32, test_examples=32)
+  config.evals.throughput.every = 0          # eval.py only.
+  tiny.run(str(tmp_path), config)
+  records = metrics.read_metrics(str(tmp_path))
+  logged = lambda key: [r['step'] for r in records if key in r]
+  assert logged('test/accuracy') == [3, 4]
+  assert logged('fewshot/1shot') == [2, 4]
+  assert logged('test/images_per_sec') == []
+  assert not (tmp_path / 'merge_pictures.png').exists()

@@ -17,7 +17,7 @@ from tests.test_data import write_fashion_source
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ['--config=configs/fashion_mnist.py:merger=4@1,steps=6', '--config.model.width=16',
               '--config.model.depth=2', '--config.model.mlp_dim=32', '--config.model.num_heads=2',
-              '--config.batch_size=16', '--config.log_every=1', '--config.eval_every=6',
+              '--config.batch_size=16', '--config.log_every=1', '--config.evals.test.every=6',
               '--config.checkpoint_every=3', '--config.keep_checkpoints=5',
               '--config.input.shuffle_buffer=64', '--config.input.num_shards=2']
 # What makes train.py join a cluster; each run below sets its own, or none.

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import imagenet21k
+from patchmerger import errors
 from patchmerger.data import local, prepare
 from patchmerger.training import loop
 from tests.image_files import write_class_tars, write_image_folder
@@ -95,12 +96,13 @@ def test_tiny_imagenet21k_trains_through_its_config(prepared, tmp_path):
   config.model.update(width=16, depth=2, mlp_dim=32, num_heads=2, representation_size=16)
   config.input.update(image_size=32, shuffle_buffer=16)
   config.update(data_dir=str(data_dir), train_split='full', test_split='full[:8]',
-                num_classes=3, batch_size=4, total_steps=2, log_every=1, eval_every=2,
+                num_classes=3, batch_size=4, total_steps=2, log_every=1,
                 checkpoint_every=2)
+  config.evals.test.every = 2
   config.lr.warmup_steps = 1
   config.mesh.data = -1
   builder = local.ensure_prepared(config.dataset, config.data_dir)
-  summary = loop.train(config, str(tmp_path), builder)
+  summary = loop.train_and_evaluate(config, str(tmp_path), builder)
   assert summary['step'] == 2 and summary['test/examples'] == 8
 
 
@@ -121,20 +123,20 @@ def test_image_folder_is_prepared_with_its_splits_and_classes(tmp_path):
 
 
 @pytest.mark.parametrize('dataset,message', [
-    ('imagenet21k', 'python -m patchmerger.data.prepare --dataset=imagenet21k'),
+    ('imagenet21k', 'python prepare_data.py --dataset=imagenet21k'),
     ('imagenet2012', 'tfds build imagenet2012'),
     ('folder:/nonexistent/images', 'does not exist')])
 def test_check_data_says_what_is_missing(dataset, message, tmp_path):
   config = imagenet21k.get_config()
   config.update(dataset=dataset, data_dir=str(tmp_path))
-  with pytest.raises(local.DataNotReady, match=message):
+  with pytest.raises(errors.DataError, match=message):
     local.check_data(config)
 
 
 def test_check_data_on_prepared_and_preparable_datasets(prepared, tmp_path):
   config = imagenet21k.get_config()
   config.update(data_dir=str(prepared[0]), num_classes=3)
-  with pytest.raises(local.DataNotReady, match=r"split 'full\[51200:\]' \(it has full \(17\)\)"):
+  with pytest.raises(errors.DataError, match=r"split 'full\[51200:\]' \(it has full \(17\)\)"):
     local.check_data(config)  # 17 examples: nothing after the held-out 51,200.
   config.update(train_split='full', test_split='full[:8]')
   assert 'full: 17 examples; full[:8]: 8 examples' in local.check_data(config)
@@ -146,7 +148,7 @@ def test_check_data_on_prepared_and_preparable_datasets(prepared, tmp_path):
                 num_classes=3, data_dir=str(tmp_path / 'd'))
   assert 'prepared into' in local.check_data(config)
   config.test_split = 'validation'
-  with pytest.raises(local.DataNotReady, match='no split folder for validation'):
+  with pytest.raises(errors.DataError, match='no split folder for validation'):
     local.check_data(config)
 
 
@@ -157,7 +159,7 @@ def test_command_line_with_two_workers_gives_the_same_dataset_and_a_report(
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(
-      [sys.executable, '-m', 'patchmerger.data.prepare', '--dataset=imagenet21k',
+      [sys.executable, 'prepare_data.py', '--dataset=imagenet21k',
        f'--source={source}', f'--data_dir={tmp_path}', '--workers=2', '--num_shards=3'],
       cwd=root, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -165,7 +167,7 @@ def test_command_line_with_two_workers_gives_the_same_dataset_and_a_report(
   assert 'skipped files: full/n02/n02_1.JPEG' in result.stdout
   assert _example_hashes(tmp_path) == _example_hashes(prepared[0])
   missing = subprocess.run(
-      [sys.executable, '-m', 'patchmerger.data.prepare', '--dataset=imagenet21k',
+      [sys.executable, 'prepare_data.py', '--dataset=imagenet21k',
        f'--source={tmp_path}/absent', f'--data_dir={tmp_path}'],
       cwd=root, capture_output=True, text=True, timeout=600)
   assert missing.returncode == 2
@@ -191,12 +193,12 @@ def test_train_check_data_exit_codes(prepared, tmp_path):
   missing = check(f'--config.data_dir={tmp_path}')
   assert missing.returncode == 2 and missing.stdout == ''
   error = [l for l in missing.stderr.splitlines() if l.startswith('error:')]
-  assert len(error) == 1 and 'python -m patchmerger.data.prepare --dataset=imagenet21k' in error[0]
+  assert len(error) == 1 and 'python prepare_data.py --dataset=imagenet21k' in error[0]
   assert not os.listdir(tmp_path)  # Checking writes nothing.
 
 
 def test_fewshot_pools_take_the_first_examples_of_sliced_splits_too(prepared):
-  from patchmerger.training import evaluators
+  from patchmerger.evaluators import fewshot as evaluators
   builder = tfds.builder('imagenet21k', data_dir=str(prepared[0]))
   assert evaluators._head(builder, 'full', 5) == 'full[:5]'
   assert evaluators._head(builder, 'full', 50) == 'full'

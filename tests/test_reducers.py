@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import fashion_mnist
-from patchmerger import flops
+from patchmerger import evaluate, flops
 from patchmerger.models import build_model, pooling, tome
 from patchmerger.models.attention import MultiHeadAttention
 from patchmerger.models.tokenlearner import TokenLearner
@@ -247,7 +247,7 @@ def test_reducer_kind_is_checked():
     pytest.param('patchmerger', marks=pytest.mark.slow), 'tokenlearner', 'pool', 'tome',
     pytest.param('none', marks=pytest.mark.slow)])
 def test_every_reducer_trains_through_the_loop(kind, tmp_path):
-  config = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2)
+  config = tiny.tiny_config(total_steps=2, **{'evals.test.every': 2}, checkpoint_every=2)
   config.model.reducer.update(kind=kind, r=4)
   summary = tiny.run(str(tmp_path), config)
   assert summary['step'] == 2 and math.isfinite(summary['train/loss'])
@@ -261,7 +261,7 @@ def test_every_reducer_trains_through_the_loop(kind, tmp_path):
 
 
 def test_a_plain_checkpoint_evaluates_under_tome(tmp_path):
-  plain = tiny.tiny_config(total_steps=3, eval_every=3, checkpoint_every=3)
+  plain = tiny.tiny_config(total_steps=3, **{'evals.test.every': 3}, checkpoint_every=3)
   plain.model.merger = None
   plain.lr.update(base=0.01, warmup_steps=1)  # Move the zero-initialised head.
   summary = tiny.run(str(tmp_path), plain)
@@ -271,8 +271,9 @@ def test_a_plain_checkpoint_evaluates_under_tome(tmp_path):
     config.model.merger = None
     config.model.reducer.update(kind='tome', r=r)
     with tfds.testing.mock_data(num_examples=tiny.MOCK_EXAMPLES):
-      results[r] = loop.evaluate_checkpoint(config, str(tmp_path), tfds.builder(config.dataset),
-                                            fewshot=False)
+      results[r] = evaluate.evaluate_checkpoint(
+          config, str(tmp_path), tfds.builder(config.dataset),
+          skip=('fewshot', 'merge_pictures', 'throughput'))
   assert results[0]['test/accuracy'] == summary['test/accuracy']
   assert results[0]['test/loss'] == pytest.approx(summary['test/loss'], rel=1e-6)
   assert 0 <= results[4]['test/accuracy'] <= 1 and math.isfinite(results[4]['test/loss'])

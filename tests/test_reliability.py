@@ -18,7 +18,9 @@ import tensorflow as tf
 import pytest
 
 from patchmerger.models import build_model
-from patchmerger.training import checkpoint, loop, metrics, state as state_lib, step
+from patchmerger.checkpoints import manager as checkpoint
+from patchmerger.training import (loop, metrics, setup as setup_lib, state as state_lib, step,
+                                  workdir as workdir_lib)
 from tests import test_cli, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +63,7 @@ def _wait_for_step(process, workdir, step_number, timeout=300):
 
 
 # Slow steps (checkpoint every 4 steps, log every step) so a kill lands mid-run.
-KILL_RUN = dict(total_steps=60, checkpoint_every=4, log_every=1, eval_every=60,
+KILL_RUN = dict(total_steps=60, checkpoint_every=4, log_every=1, **{'evals.test.every': 60},
                 keep_checkpoints=2)
 
 
@@ -88,7 +90,7 @@ def test_sigterm_saves_at_the_current_step_and_resume_starts_there(tmp_path):
   workdir = tmp_path / 'run'
   # Far more steps than the test waits for; no periodic checkpoint.
   settings = dict(total_steps=100_000, checkpoint_every=100_000, log_every=1,
-                  eval_every=100_000)
+                  **{'evals.test.every': 100_000})
   process = _start_tiny(workdir, **settings)
   _wait_for_step(process, workdir, 5)
   process.send_signal(signal.SIGTERM)
@@ -120,7 +122,7 @@ def _corrupt(step_dir):
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
-  config = tiny.tiny_config(total_steps=6, checkpoint_every=3, eval_every=6)
+  config = tiny.tiny_config(total_steps=6, checkpoint_every=3, **{'evals.test.every': 6})
   tiny.run(str(tmp_path), config)
   good_final = _saved_state(tmp_path, 6)
   losses = {r['step']: r['train/loss'] for r in metrics.read_metrics(str(tmp_path))
@@ -138,7 +140,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 
 def test_every_checkpoint_unreadable_starts_afresh_and_keeps_them(tmp_path, caplog):
-  config = tiny.tiny_config(total_steps=3, checkpoint_every=3, eval_every=3)
+  config = tiny.tiny_config(total_steps=3, checkpoint_every=3, **{'evals.test.every': 3})
   first = tiny.run(str(tmp_path / 'first'), config)
   tiny.run(str(tmp_path), config)
   _corrupt(tmp_path / 'checkpoints' / '3')
@@ -151,7 +153,7 @@ def test_every_checkpoint_unreadable_starts_afresh_and_keeps_them(tmp_path, capl
 def test_out_of_memory_on_resume_keeps_every_checkpoint(tmp_path, monkeypatch):
   """Running out of memory says nothing about the checkpoint: nothing is set aside
   and the run does not restart from step 0."""
-  config = tiny.tiny_config(total_steps=3, checkpoint_every=3, eval_every=3)
+  config = tiny.tiny_config(total_steps=3, checkpoint_every=3, **{'evals.test.every': 3})
   tiny.run(str(tmp_path), config)
 
   def out_of_memory(*args, **kwargs):
@@ -160,7 +162,7 @@ def test_out_of_memory_on_resume_keeps_every_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setattr(checkpoint, 'restore', out_of_memory)
   with pytest.raises(checkpoint.OutOfMemoryOnRestore,
                      match=r'checkpoints/3 ran out of memory \(RuntimeError: RESOURCE_EXHAUSTED'):
-    tiny.run(str(tmp_path), tiny.tiny_config(total_steps=6, checkpoint_every=3, eval_every=3))
+    tiny.run(str(tmp_path), tiny.tiny_config(total_steps=6, checkpoint_every=3, **{'evals.test.every': 3}))
   assert not os.path.exists(tmp_path / 'checkpoints_unreadable')
   assert os.path.isdir(tmp_path / 'checkpoints' / '3')
 
@@ -183,7 +185,7 @@ def test_metrics_jsonl_is_written_through_tf_io_gfile():
 
 def test_nonfinite_loss_stops_naming_step_and_keeps_good_checkpoints(tmp_path):
   # A huge learning rate without clipping overflows within a few steps.
-  config = tiny.tiny_config(total_steps=20, checkpoint_every=1, log_every=5, eval_every=20)
+  config = tiny.tiny_config(total_steps=20, checkpoint_every=1, log_every=5, **{'evals.test.every': 20})
   config.lr.update(base=1e18, warmup_steps=0)
   config.optim.clip_norm = 0.
   with pytest.raises(FloatingPointError) as error:
@@ -236,12 +238,12 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   with pytest.raises(PermissionError, match='is not writable'):
-    loop.ensure_writable(str(blocker / 'run'))
+    workdir_lib.ensure_writable(str(blocker / 'run'))
 
 
 def test_checkpoints_restore_without_pickle(tmp_path, monkeypatch):
   config = tiny.tiny_config()
-  state = loop._setup(config).state
+  state = setup_lib.setup(config).state
   manager = checkpoint.make_manager(str(tmp_path), 1)
   checkpoint.save(manager, 1, state)
   manager.wait_until_finished()
@@ -267,7 +269,7 @@ def _flip_a_byte(step_dir):
 
 @pytest.mark.slow
 def test_eval_of_a_damaged_checkpoint_names_the_readable_steps(tmp_path):
-  tiny.run(str(tmp_path), tiny.tiny_config(total_steps=6, checkpoint_every=3, eval_every=6))
+  tiny.run(str(tmp_path), tiny.tiny_config(total_steps=6, checkpoint_every=3, **{'evals.test.every': 6}))
   _flip_a_byte(tmp_path / 'checkpoints' / '6')
   files_before = sorted(glob.glob(f'{tmp_path}/**', recursive=True))
   env = dict(os.environ, PYTHONPATH=ROOT)

@@ -8,7 +8,7 @@ import pytest
 
 from patchmerger.checkpoints import layouts, loading
 from patchmerger.models import VisionTransformer
-from patchmerger.models.vit import block_runs
+from patchmerger.models.encoder import block_runs
 
 DEPTH = 4
 # Mergers before block 0, in the middle and before the last block.

@@ -9,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from patchmerger import sweep
-from patchmerger.training import loop
+from patchmerger.training import config_checks
 from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +17,7 @@ SPECS = ['model.width=8,16', 'model.merger.num_tokens=2,4']
 
 
 def test_two_by_two_sweep_runs_four_and_resumes_nothing(tmp_path):
-  config = tiny.tiny_config(total_steps=2, eval_every=2, checkpoint_every=2)
+  config = tiny.tiny_config(total_steps=2, **{'evals.test.every': 2}, checkpoint_every=2)
   runs = sweep.parse_sweeps(config, SPECS)
   assert runs == [{'model.width': 8, 'model.merger.num_tokens': 2},
                   {'model.width': 8, 'model.merger.num_tokens': 4},
@@ -29,7 +29,7 @@ def test_two_by_two_sweep_runs_four_and_resumes_nothing(tmp_path):
     trained.append((run_config.model.width, run_config.model.merger.num_tokens))
     return tiny.run(workdir, run_config)
 
-  rows = sweep.run_sweep(config, str(tmp_path), runs, train_fn, loop.validate)
+  rows = sweep.run_sweep(config, str(tmp_path), runs, train_fn, config_checks.validate)
   assert trained == [(8, 2), (8, 4), (16, 2), (16, 4)]
   assert sorted(os.listdir(tmp_path)) == ['width=16,num_tokens=2', 'width=16,num_tokens=4',
                                           'width=8,num_tokens=2', 'width=8,num_tokens=4']
@@ -45,7 +45,7 @@ def test_two_by_two_sweep_runs_four_and_resumes_nothing(tmp_path):
   with open(tmp_path / 'results.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
-  again = sweep.run_sweep(config, str(tmp_path), runs, train_fn, loop.validate)
+  again = sweep.run_sweep(config, str(tmp_path), runs, train_fn, config_checks.validate)
   assert len(trained) == 4 and all(r['skipped'] for r in again)
   assert [r['test/accuracy'] for r in again] == [r['test/accuracy'] for r in rows]
 

@@ -123,7 +123,7 @@ def test_input_timer_counts_time_blocked_in_next():
 def test_a_tiny_bf16_run_logs_utilisation(tmp_path):
   from patchmerger.training import metrics
   tiny = _tiny()
-  config = tiny.tiny_config(total_steps=4, eval_every=4, checkpoint_every=4)
+  config = tiny.tiny_config(total_steps=4, **{'evals.test.every': 4}, checkpoint_every=4)
   config.model.dtype = 'bfloat16'
   config.optim.mu_dtype = 'bfloat16'
   summary = tiny.run(str(tmp_path), config)

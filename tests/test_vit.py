@@ -1,5 +1,7 @@
 """The ViT: variants, merger slots, heads, public parameter layout, gradients."""
 import functools
+import importlib
+import pkgutil
 
 import flax
 import jax
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from patchmerger import models
 from patchmerger.models import build_model, parse_variant
 from patchmerger.models.vit import VARIANTS, VisionTransformer
 
@@ -178,3 +181,16 @@ def test_image_not_divisible_by_patch_fails_clearly():
   model = build_model(dict(variant='Ti/16', depth=1, **TINY), num_classes=2)
   with pytest.raises(ValueError, match='not divisible by the patch size 16'):
     model.init(jax.random.key(0), jnp.zeros((1, 30, 30, 3)))
+
+
+def test_modules_refuse_positional_fields():
+  # Encoder has 17 fields: a positional call could silently shift them by one.
+  libs = [importlib.import_module(f'patchmerger.models.{info.name}')
+          for info in pkgutil.iter_modules(models.__path__)]
+  modules = {cls for lib in libs for cls in vars(lib).values()
+             if isinstance(cls, type) and issubclass(cls, flax.linen.Module)
+             and cls is not flax.linen.Module}
+  assert len(modules) == 10
+  for cls in modules:
+    with pytest.raises(TypeError, match='takes 1 positional argument but 2 were given'):
+      cls(1)

@@ -18,8 +18,9 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The default config at a tiny width, with a few steps and frequent logs."""
   config = fashion_mnist.get_config('merger=4@1')
   config.model.update(width=16, depth=2, mlp_dim=32, num_heads=2, conv_stem=())
-  config.update(batch_size=16, total_steps=6, log_every=1, eval_every=3,
-                checkpoint_every=3, keep_checkpoints=5)
+  config.update(batch_size=16, total_steps=6, log_every=1, checkpoint_every=3,
+                keep_checkpoints=5)
+  config.evals.test.every = 3
   config.input.shuffle_buffer = MOCK_EXAMPLES
   for key, value in overrides.items():
     node = config
@@ -34,14 +35,15 @@ def run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   from patchmerger.training import loop
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-    return loop.train(config, workdir, builder)
+    return loop.train_and_evaluate(config, workdir, builder)
 
 
 def evaluate(workdir: str, config: ml_collections.ConfigDict) -> dict:
-  from patchmerger.training import loop
+  from patchmerger import evaluate as evaluate_lib
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-    return loop.evaluate_checkpoint(config, workdir, builder, fewshot=False)
+    return evaluate_lib.evaluate_checkpoint(config, workdir, builder,
+                                            skip=('fewshot', 'merge_pictures'))
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import numpy as np
 from etils import epath
 
 from patchmerger.checkpoints import layouts, loading, model_config as model_config_lib
+from patchmerger.errors import CheckpointError, ConfigError
 
 FORMATS = ('npz', 'big_vision', 'transformers')
 
@@ -44,7 +45,7 @@ def transformers_model(params: Any):
   flat = _canonical(params)
   refusal = layouts.transformers_refusal(flat)
   if refusal:
-    raise ValueError(f'Cannot export to transformers: {refusal}')
+    raise CheckpointError(f'Cannot export to transformers: {refusal}')
   import torch
   from transformers import ViTConfig, ViTForImageClassification
   model = ViTForImageClassification(ViTConfig(**layouts.transformers_config(flat)))
@@ -62,12 +63,12 @@ def export(params: Any, fmt: str, out: str, model_config: Optional[Any] = None) 
   """Writes `params` in layout `fmt` at `out`; with the run's `model_config`, first
   refuses what the layout cannot compute, then writes the config beside the weights."""
   if fmt not in FORMATS:
-    raise ValueError(f'--to must be one of {", ".join(FORMATS)}, got {fmt!r}')
+    raise ConfigError(f'--to must be one of {", ".join(FORMATS)}, got {fmt!r}')
   if model_config is not None and fmt == 'transformers':
     refusal = (layouts.transformers_refusal(_canonical(params))
                or model_config_lib.transformers_refusal(model_config))
     if refusal:
-      raise ValueError(f'Cannot export to transformers: {refusal}')
+      raise CheckpointError(f'Cannot export to transformers: {refusal}')
   {'npz': export_npz, 'big_vision': export_big_vision,
    'transformers': export_transformers}[fmt](params, out)
   if model_config is not None:

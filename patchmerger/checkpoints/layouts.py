@@ -29,6 +29,8 @@ from typing import Mapping
 
 import numpy as np
 
+from patchmerger.errors import CheckpointError
+
 Flat = dict[str, np.ndarray]
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
@@ -45,7 +47,7 @@ RUN = 'Transformer/encoderblocks_{}/'
 _RUN_KEY = re.compile(r'^Transformer/encoderblocks_(\d+)/')
 
 
-class LayoutError(ValueError):
+class LayoutError(CheckpointError):
   """The weights are in no layout this module knows."""
 
 

@@ -19,7 +19,8 @@ from etils import epath
 import jax.numpy as jnp
 import numpy as np
 
-from patchmerger.checkpoints import layouts
+from patchmerger.checkpoints import layouts, manager as manager_lib
+from patchmerger.errors import CheckpointError, CheckpointNotFoundError
 
 Flat = dict[str, np.ndarray]
 POSEMB = layouts.POSEMB
@@ -28,7 +29,7 @@ HEAD = ('head/kernel', 'head/bias')
 REDUCER_KEY = re.compile(r'^Transformer/(patchmerger|tokenlearner)_\d+/')
 
 
-class PretrainedMismatchError(ValueError):
+class PretrainedMismatchError(CheckpointError):
   """Pretrained weights do not fit the model (beyond what adaptation handles)."""
 
 
@@ -41,27 +42,18 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
   return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The finished checkpoint steps of a run directory, oldest first (read-only; orbax
-  renames a step's temporary directory to its number only when the step is complete)."""
-  directory = epath.Path(workdir) / 'checkpoints'
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-
-
 def check_source(path: str) -> None:
   """One-line errors for an `init_from` that cannot be a checkpoint; reads nothing else."""
   if not epath.Path(path).exists():
-    raise FileNotFoundError(f'init_from {path} does not exist.')
+    raise CheckpointNotFoundError(f'init_from {path} does not exist.')
   if epath.Path(path).is_file():
     if not path.endswith('.npz'):
-      raise ValueError(f'init_from {path} is a file but not a .npz; give a public-layout '
-                       '.npz or one of our run directories.')
+      raise CheckpointError(f'init_from {path} is a file but not a .npz; give a public-layout '
+                            '.npz or one of our run directories.')
     return
-  if not checkpoint_steps(path):
-    raise FileNotFoundError(f'init_from {path} is a directory without checkpoints '
-                            f'({epath.Path(path) / "checkpoints"} holds no finished step).')
+  if not manager_lib.steps(path):
+    raise CheckpointNotFoundError(f'init_from {path} is a directory without checkpoints '
+                                  f'({epath.Path(path) / "checkpoints"} holds no finished step).')
 
 
 def load_npz(path: str) -> Flat:
@@ -71,38 +63,13 @@ def load_npz(path: str) -> Flat:
     with epath.Path(path).open('rb') as f, np.load(f, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
   except (OSError, ValueError) as e:  # Not a zip, truncated, or pickled objects.
-    raise ValueError(f'init_from {path} is not a readable .npz: {e}') from None
+    raise CheckpointError(f'init_from {path} is not a readable .npz: {e}') from None
 
 
 def load_orbax_params(workdir: str, step: Optional[int] = None) -> Flat:
   """The parameters of one of our runs (its latest checkpoint by default), read-only."""
-  import orbax.checkpoint as ocp
   check_source(workdir)
-  step = checkpoint_steps(workdir)[-1] if step is None else step
-  directory = epath.Path(workdir) / 'checkpoints'
-  manager = ocp.CheckpointManager(
-      directory if '://' in workdir else directory.resolve(),
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers=ocp.PyTreeCheckpointHandler())
-  try:
-    # Onto one host device, whatever devices wrote it: without a target, orbax would
-    # rebuild the writer's shardings, and fail on any other device count.
-    metadata = manager.item_metadata(step)
-    metadata = getattr(metadata, 'tree', metadata)
-    try:
-      host = jax.local_devices(backend='cpu')[0]
-    except RuntimeError:  # No CPU backend (JAX_PLATFORMS=cuda): the first device.
-      host = jax.local_devices()[0]
-    on_host = jax.sharding.SingleDeviceSharding(host)
-    # Only the parameters are read: the optimizer's moments (twice their size) stay on disk.
-    target = {'params': jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host), metadata['params'])}
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-  finally:
-    manager.close()
-  return flatten(restored['params'])
+  return flatten(manager_lib.read_params(workdir, step))
 
 
 def load(source: str) -> tuple[Flat, layouts.Layout]:
@@ -199,3 +166,14 @@ def adapt(loaded: Flat, init_params: Any, has_cls: bool, dont_load: Sequence[str
         f'parameters at their initialisation ({names}). List them in init_dont_load, or set '
         'init_strict=False to allow it.')
   return unflatten(layouts.stack_runs(out, runs)), report
+
+
+def load_and_adapt(source: str, init_params: Any, has_cls: bool, dont_load: Sequence[str] = (),
+                   strict: bool = True) -> tuple[dict, Report]:
+  """`source` (any layout `load` reads) fitted onto `init_params` by `adapt`; logs what
+  loading did."""
+  flat, layout = load(source)
+  params, report = adapt(flat, init_params, has_cls=has_cls, dont_load=dont_load,
+                         strict=strict, layout=layout.describe())
+  report.log()
+  return params, report

@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from patchmerger.errors import ConfigError, DataError
+
 AUGMENTATIONS = ('none', 'flip', 'flip_crop', 'inception_crop_flip')
 
 
@@ -127,8 +129,8 @@ def encoded_examples(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.D
   """{'image': encoded bytes (tf.string), 'label'} of `split`, in file order."""
   feature = builder.info.features['image']
   if not isinstance(feature, tfds.features.Image):
-    raise ValueError(f'Dataset {builder.name}: feature image is a {type(feature).__name__}, '
-                     'not an encoded tfds.features.Image.')
+    raise DataError(f'Dataset {builder.name}: feature image is a {type(feature).__name__}, '
+                    'not an encoded tfds.features.Image.')
   data = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={'image': tfds.decode.SkipDecoding()})
   return data.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
@@ -148,7 +150,7 @@ def train_batches(builder: tfds.core.DatasetBuilder, split: str,
   """
   kind = input_config['augment']
   if kind not in AUGMENTATIONS:
-    raise ValueError(f'input.augment must be one of {AUGMENTATIONS}, got {kind!r}')
+    raise ConfigError(f'input.augment must be one of {AUGMENTATIONS}, got {kind!r}')
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   num_shards = check_shards(input_config, global_batch_size, process_count)
@@ -178,11 +180,11 @@ def check_shards(input_config: Mapping[str, Any], global_batch_size: int,
   """The number of data shards, checked against processes and batch size."""
   num_shards = input_config.get('num_shards') or process_count
   if num_shards % process_count:
-    raise ValueError(f'input.num_shards={num_shards} is not a multiple of the '
-                     f'{process_count} processes.')
+    raise ConfigError(f'input.num_shards={num_shards} is not a multiple of the '
+                      f'{process_count} processes.')
   if global_batch_size % num_shards:
-    raise ValueError(f'batch_size {global_batch_size} is not divisible by '
-                     f'input.num_shards={num_shards}.')
+    raise ConfigError(f'batch_size {global_batch_size} is not divisible by '
+                      f'input.num_shards={num_shards}.')
   return num_shards
 
 
@@ -193,7 +195,7 @@ def _shard_stream(builder: tfds.core.DatasetBuilder, split: str,
   data = encoded_examples(builder, split)
   num_examples = int(data.cardinality())
   if num_examples <= 0:
-    raise ValueError(f'Split {split!r} of {builder.name} has no examples')
+    raise DataError(f'Split {split!r} of {builder.name} has no examples')
   if num_examples <= 200_000:  # Small datasets live in memory (encoded) after one read.
     data = data.cache()
   first_example = start_step * batch_size

@@ -14,15 +14,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from patchmerger.data import prepare
+from patchmerger.errors import DataError
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
-
-
-class DatasetNotPreparedError(RuntimeError):
-  """The dataset is neither prepared in the data dir nor preparable offline."""
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -31,12 +30,12 @@ def read_idx(path: str) -> np.ndarray:
   with opener(path, 'rb') as f:
     data = f.read()
   if data[:2] != b'\x00\x00' or data[2] != 0x08:
-    raise ValueError(f'{path} is not an unsigned-byte idx file')
+    raise DataError(f'{path} is not an unsigned-byte idx file')
   ndim = data[3]
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
   array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f'{path} is truncated: expected {shape}, got {array.size} values')
+    raise DataError(f'{path} is truncated: expected {shape}, got {array.size} values')
   return array.reshape(shape)
 
 
@@ -49,7 +48,7 @@ def prepare_fashion_mnist(data_dir: Optional[str],
     images = read_idx(os.path.join(source_dir, images_file))[..., None]
     labels = read_idx(os.path.join(source_dir, labels_file)).astype(np.int64)
     if len(images) != len(labels):
-      raise ValueError(f'{split}: {len(images)} images but {len(labels)} labels')
+      raise DataError(f'{split}: {len(images)} images but {len(labels)} labels')
     splits[split] = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
   logging.info('Preparing TFDS fashion_mnist %s from %s', official.version, source_dir)
   tfds.dataset_builders.store_as_tfds_dataset(
@@ -103,7 +102,7 @@ HOW_TO_GET = {
     'imagenet2012': ('download ILSVRC2012_img_{train,val}.tar into DATA_DIR/downloads/manual, '
                      'then: tfds build imagenet2012 --data_dir=DATA_DIR'),
     'imagenet21k': ('download the per-class tars (fall11 or winter21 release) into DIR, '
-                    'then: python -m patchmerger.data.prepare --dataset=imagenet21k '
+                    'then: python prepare_data.py --dataset=imagenet21k '
                     '--source=DIR --data_dir=DATA_DIR'),
 }
 
@@ -111,7 +110,6 @@ HOW_TO_GET = {
 def _prepare_folder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
   """`folder:PATH`: PATH/<split>/<class>/*.{jpg,png} as a TFDS dataset, written to
   the data dir on first use (delete DATA_DIR/folder_* to read a changed folder again)."""
-  from patchmerger.data import prepare
   path = name.split(':', 1)[1]
   if not os.path.isdir(path):
     raise FileNotFoundError(f'Image folder {path} does not exist.')
@@ -141,8 +139,8 @@ def check_num_classes(builder: tfds.core.DatasetBuilder, num_classes: int) -> No
   label = features['label'] if 'label' in features.keys() else None
   found = getattr(label, 'num_classes', None)
   if found is not None and found != num_classes:
-    raise ValueError(f'Dataset {builder.name} has {found} classes but num_classes is '
-                     f'{num_classes}; set --config.num_classes={found}.')
+    raise DataError(f'Dataset {builder.name} has {found} classes but num_classes is '
+                    f'{num_classes}; set --config.num_classes={found}.')
 
 
 def ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
@@ -174,7 +172,7 @@ def _download(builder: tfds.core.DatasetBuilder, where: str,
     builder.download_and_prepare()
   except Exception as e:  # Network, proxy, checksum: any of them means "cannot download".
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise DatasetNotPreparedError(
+    raise DataError(
         f'Dataset {builder.name!r} cannot be prepared in {where}: the local source '
         f'{local_source}, and TFDS\'s download failed ({type(e).__name__}: '
         f'{reason[:200]}).') from None
@@ -191,7 +189,7 @@ def _ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBui
     if name in LOCAL_SOURCES and os.path.isdir(LOCAL_SOURCES[name][1]):
       prepare, source_dir = LOCAL_SOURCES[name]
       return prepare(data_dir, source_dir)
-    raise DatasetNotPreparedError(
+    raise DataError(
         f'Dataset {name!r} is not a TFDS dataset and not prepared in {where}. '
         f'To get it: {HOW_TO_GET.get(name, "prepare it in TFDS format in DATA_DIR")}.') from None
   if builder.is_prepared():
@@ -207,12 +205,8 @@ def _ensure_prepared(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBui
     builder.download_and_prepare()
     return builder
   how = HOW_TO_GET.get(name, f'tfds build {name} --data_dir={where}')
-  raise DatasetNotPreparedError(
+  raise DataError(
       f'Dataset {name!r} is not prepared in {where}. To get it: {how}.')
-
-
-class DataNotReady(ValueError):
-  """What is missing for a config's dataset (train.py --check_data)."""
 
 
 def _check_splits(builder: tfds.core.DatasetBuilder, splits: Sequence[str]) -> list[str]:
@@ -222,24 +216,23 @@ def _check_splits(builder: tfds.core.DatasetBuilder, splits: Sequence[str]) -> l
       sizes.append(f'{split}: {builder.info.splits[split].num_examples:,} examples')
     except (KeyError, ValueError, AssertionError) as e:
       have = ', '.join(f'{n} ({i.num_examples:,})' for n, i in builder.info.splits.items())
-      raise DataNotReady(f'Dataset {builder.name} cannot give split {split!r} (it has '
-                         f'{have}): {e}') from None
+      raise DataError(f'Dataset {builder.name} cannot give split {split!r} (it has '
+                      f'{have}): {e}') from None
   return sizes
 
 
 def check_data(config: Any) -> str:
   """One line saying that the config's dataset is ready (prepared, or prepared or
-  downloaded by itself on first use); raises DataNotReady saying what is missing."""
+  downloaded by itself on first use); raises DataError saying what is missing."""
   name, data_dir = config.dataset, config.data_dir
   where = data_dir or tfds.core.constants.DATA_DIR
   splits = (config.train_split, config.test_split)
   if name.startswith('folder:'):
-    from patchmerger.data import prepare
     path = name.split(':', 1)[1]
     try:
       _, sources = prepare.list_sources(name, None)
     except FileNotFoundError as e:
-      raise DataNotReady(str(e)) from None
+      raise DataError(str(e)) from None
     try:
       builder = tfds.builder(prepare.folder_dataset_name(path), data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -249,21 +242,21 @@ def check_data(config: Any) -> str:
       return f'{name}: prepared as {builder.name} in {where} ({"; ".join(_check_splits(builder, splits))}).'
     classes = {s.label for s in sources}
     if len(classes) != config.num_classes:
-      raise DataNotReady(f'{path} has {len(classes)} classes but num_classes is '
-                         f'{config.num_classes}; set --config.num_classes={len(classes)}.')
+      raise DataError(f'{path} has {len(classes)} classes but num_classes is '
+                      f'{config.num_classes}; set --config.num_classes={len(classes)}.')
     found = {s.split for s in sources}
     missing = [s for s in splits if s.split('[')[0] not in found]  # 'train[:90%]' -> train
     if missing:
-      raise DataNotReady(f'{path} has no split folder for {", ".join(missing)} '
-                         f'(it has {", ".join(sorted(found))}).')
+      raise DataError(f'{path} has no split folder for {", ".join(missing)} '
+                      f'(it has {", ".join(sorted(found))}).')
     return f'{name}: {len(classes)} classes; prepared into {where} on first use.'
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     if name in LOCAL_SOURCES and os.path.isdir(LOCAL_SOURCES[name][1]):
       return f'{name}: prepared into {where} from {LOCAL_SOURCES[name][1]} on first use.'
-    raise DataNotReady(f'Dataset {name!r} is not prepared in {where}. To get it: '
-                       f'{HOW_TO_GET.get(name, "prepare it in TFDS format in DATA_DIR")}.') from None
+    raise DataError(f'Dataset {name!r} is not prepared in {where}. To get it: '
+                    f'{HOW_TO_GET.get(name, "prepare it in TFDS format in DATA_DIR")}.') from None
   if builder.is_prepared():
     check_num_classes(builder, config.num_classes)
     return f'{name}: prepared in {where} ({"; ".join(_check_splits(builder, splits))}).'
@@ -275,4 +268,4 @@ def check_data(config: Any) -> str:
   if name not in LOCAL_SOURCES and not needs_manual_download(builder):
     return f'{name}: TFDS downloads and prepares it into {where} on first use (needs network).'
   how = HOW_TO_GET.get(name, f'tfds build {name} --data_dir={where}')
-  raise DataNotReady(f'Dataset {name!r} is not prepared in {where}. To get it: {how}.')
+  raise DataError(f'Dataset {name!r} is not prepared in {where}. To get it: {how}.')

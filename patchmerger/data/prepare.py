@@ -1,16 +1,7 @@
-r"""Writes image classes (per-class tars or folders) as a TFDS dataset.
+r"""Writes the classes of an image dataset (`image_sources`) as a TFDS dataset.
 
-  python -m patchmerger.data.prepare --dataset=imagenet21k --source=DIR --data_dir=D
-  python -m patchmerger.data.prepare --dataset=folder:PATH --data_dir=D
-
-`imagenet21k`: DIR holds one tar per class named by WordNet id (`n01440764.tar`,
-as in the fall11 and winter21 releases) or one folder per class; all of it is
-the split `full`. `folder:PATH`: PATH/<split>/<class>/*.{jpg,jpeg,png}. Labels
-are the class names sorted, or the order of `--class_list` (one name a line,
-e.g. the 21,843 WordNet ids of the ViT checkpoints).
-
-Afterwards `tfds.builder(NAME, data_dir=D)` reads it (TFRecord shards, TFDS
-metadata). Two stages, both over all cores:
+`prepare_data.py` is its command line. Afterwards `tfds.builder(NAME, data_dir=D)`
+reads it (TFRecord shards, TFDS metadata). Two stages, both over all cores:
   1. chunks of classes are streamed (a tar member at a time), each image checked
      (corrupt: skipped; CMYK, PNG or other formats under JPEG: re-encoded as
      JPEG), serialised, and spilled to the chunk's file grouped by output shard
@@ -26,121 +17,26 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
-import re
 import struct
-import tarfile
 import time
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+# folder_dataset_name and list_sources are also this module's API: the name a folder
+# is prepared under, and what a preparation would read.
+from patchmerger.data.image_sources import (ClassSource, clean_image, folder_dataset_name,
+                                            iter_images, list_sources, read_class_list)
+from patchmerger.errors import DataError
+
 SHARD_BYTES = 256 * 2 ** 20          # Target size of an output shard (auto --num_shards).
 CHUNK_BYTES = 8 * 2 ** 30            # Source bytes per stage-1 task.
 SPILL_BUFFER_BYTES = 128 * 2 ** 20   # Per-worker spill buffer before it is written.
 VERSION = '1.0.0'
 _FRAME = struct.Struct('>QI')        # Spill record header: sort hash, record length.
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassSource:
-  """One class of one split: a tar file or a folder of images."""
-  split: str
-  label: str
-  path: str
-  size: int  # bytes on disk, for planning
-
-
-def folder_dataset_name(path: str) -> str:
-  """A TFDS name for an image folder: folder_<basename>_<hash of the path>."""
-  path = os.path.abspath(os.path.expanduser(path))
-  base = re.sub(r'[^a-z0-9]+', '_', os.path.basename(path.rstrip('/')).lower()).strip('_')
-  digest = hashlib.blake2b(path.encode(), digest_size=4).hexdigest()
-  return f'folder_{base}_{digest}' if base else f'folder_{digest}'
-
-
-def _dir_size(path: str) -> int:
-  return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
-
-
-def list_classes(root: str, split: str) -> list[ClassSource]:
-  """Per-class tars (`<label>.tar`) and per-class folders directly under `root`."""
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f'Source directory {root} does not exist.')
-  sources = []
-  for entry in sorted(os.scandir(root), key=lambda e: e.name):
-    if entry.is_file() and entry.name.endswith('.tar'):
-      sources.append(ClassSource(split, entry.name[:-4], entry.path, entry.stat().st_size))
-    elif entry.is_dir():
-      sources.append(ClassSource(split, entry.name, entry.path, _dir_size(entry.path)))
-  if not sources:
-    raise FileNotFoundError(f'{root} holds no per-class .tar files or class folders.')
-  return sources
-
-
-def list_sources(dataset: str, source: Optional[str]) -> tuple[str, list[ClassSource]]:
-  """(TFDS name, classes of every split) for `imagenet21k` or `folder:PATH`."""
-  if dataset.startswith('folder:'):
-    root = dataset.split(':', 1)[1]
-    if not os.path.isdir(root):
-      raise FileNotFoundError(f'Image folder {root} does not exist.')
-    splits = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not splits:
-      raise FileNotFoundError(f'{root} has no split folders (expected {root}/train/<class>/...).')
-    return folder_dataset_name(root), [c for s in splits
-                                       for c in list_classes(os.path.join(root, s), s)]
-  if dataset == 'imagenet21k':
-    if not source:
-      raise ValueError('--source=DIR is required for imagenet21k (per-class tars or folders).')
-    return 'imagenet21k', list_classes(source, 'full')
-  raise ValueError(f'Unknown --dataset {dataset!r}: expected imagenet21k or folder:PATH.')
-
-
-def read_class_list(path: str) -> list[str]:
-  with open(path) as f:
-    return [line.split()[0] for line in f if line.strip()]
-
-
-def iter_images(source: ClassSource) -> Iterator[tuple[str, bytes]]:
-  """(file name, bytes) of a class, one at a time; tars are read as a stream."""
-  if source.path.endswith('.tar') and os.path.isfile(source.path):
-    with tarfile.open(source.path, mode='r|*') as tar:  # Streaming: no member index kept.
-      for member in tar:
-        if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
-          yield os.path.basename(member.name), tar.extractfile(member).read()
-  else:
-    for name in sorted(os.listdir(source.path)):
-      if name.lower().endswith(IMAGE_SUFFIXES):
-        with open(os.path.join(source.path, name), 'rb') as f:
-          yield name, f.read()
-
-
-def clean_image(data: bytes, keep_png: bool) -> tuple[Optional[bytes], str]:
-  """(bytes to store, outcome): JPEGs in RGB or grayscale (and PNGs if `keep_png`)
-  as they are, other images re-encoded as JPEG, unreadable ones None."""
-  from PIL import Image
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      kind, mode = image.format, image.mode
-      if kind == 'JPEG':  # Decoding at 1/8 scale is cheap and finds truncated data.
-        image.draft('RGB', (max(1, image.width // 8), max(1, image.height // 8)))
-      image.load()
-  except Exception:  # PIL raises many types for broken files.
-    return None, 'skipped_corrupt'
-  if kind == 'JPEG' and mode in ('RGB', 'L'):
-    return data, 'ok'
-  if kind == 'PNG' and keep_png:
-    return data, 'ok'
-  with Image.open(io.BytesIO(data)) as image:
-    out = io.BytesIO()
-    image.convert('RGB').save(out, format='JPEG', quality=95)
-  outcome = {('JPEG', 'CMYK'): 'reencoded_cmyk_jpeg', ('PNG', None): 'reencoded_png'}.get(
-      (kind, mode if kind == 'JPEG' else None), 'reencoded_other')
-  return out.getvalue(), outcome
 
 
 def features(labels: Sequence[str]):
@@ -296,15 +192,15 @@ def prepare(dataset: str, data_dir: str, source: Optional[str] = None,
       plan = json.load(f)
     wanted = {s: p['num_shards'] for s, p in plan['splits'].items()}
     if num_shards and set(wanted.values()) != {num_shards}:
-      raise ValueError(f'{work_dir} holds a preparation with {wanted} shards; rerun '
-                       f'without --num_shards, or delete it to start over.')
+      raise DataError(f'{work_dir} holds a preparation with {wanted} shards; rerun '
+                      f'without --num_shards, or delete it to start over.')
   else:
     present = sorted({s.label for s in sources})
     labels = read_class_list(class_list) if class_list else present
     unknown = sorted(set(present) - set(labels))
     if unknown:
-      raise ValueError(f'{len(unknown)} classes of the source are not in {class_list}: '
-                       f'{", ".join(unknown[:5])}')
+      raise DataError(f'{len(unknown)} classes of the source are not in {class_list}: '
+                      f'{", ".join(unknown[:5])}')
     plan = make_plan(name, sources, labels, num_shards, workers or os.cpu_count() or 1)
     for split in plan['splits']:
       os.makedirs(os.path.join(work_dir, split), exist_ok=True)
@@ -380,30 +276,3 @@ def _finish(plan: dict, name: str, out_dir: str, work_dir: str) -> Report:
         os.remove(entry.path)
   return report
 
-
-def main(argv: Sequence[str]) -> None:
-  from absl import flags
-  del argv
-  report = prepare(flags.FLAGS.dataset, os.path.expanduser(flags.FLAGS.data_dir),
-                   flags.FLAGS.source, flags.FLAGS.class_list, flags.FLAGS.workers,
-                   flags.FLAGS.num_shards)
-  print('\n'.join(report.lines()))
-
-
-def _define_flags() -> None:
-  from absl import flags
-  flags.DEFINE_string('dataset', None, 'imagenet21k or folder:PATH.', required=True)
-  flags.DEFINE_string('source', None, 'imagenet21k: per-class tars or class folders.')
-  flags.DEFINE_string('data_dir', os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'),
-                      'TFDS data dir to write to.')
-  flags.DEFINE_string('class_list', None, 'Label order: one class name a line (default: '
-                      'sorted names).')
-  flags.DEFINE_integer('workers', 0, 'Processes (0: all cores).')
-  flags.DEFINE_integer('num_shards', 0, 'Output shards per split (0: ~256 MiB each).')
-
-
-if __name__ == '__main__':
-  from absl import app
-  from patchmerger import cli
-  _define_flags()
-  app.run(lambda argv: cli.run_reporting_errors(lambda: main(argv)), flags_parser=cli.parse_flags)

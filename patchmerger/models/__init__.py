@@ -4,6 +4,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from patchmerger.errors import ConfigError
 from patchmerger.models import attention as attention_lib, reducers, tome
 from patchmerger.models.patch_merger import PatchMerger
 from patchmerger.models.vit import VisionTransformer, parse_variant
@@ -27,8 +28,8 @@ def resolve_mergers(merger: MergerSpec, depth: int) -> tuple[tuple[int, int], ..
   for spec in map(as_dict, specs):
     unknown = set(spec) - {'num_tokens', 'before_block'}
     if unknown:
-      raise ValueError(f'Unknown merger field(s) {sorted(unknown)}; expected '
-                       'num_tokens and before_block.')
+      raise ConfigError(f'Unknown merger field(s) {sorted(unknown)}; expected '
+                        'num_tokens and before_block.')
     before_block = spec.get('before_block')
     pairs.append((depth // 2 if before_block is None else int(before_block),
                   int(spec['num_tokens'])))
@@ -43,7 +44,7 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
       arch[key] = int(model_config[key])
   dtype = model_config.get('dtype', 'float32')
   if dtype not in DTYPES:
-    raise ValueError(f'model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    raise ConfigError(f'model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
   representation_size: Optional[int] = model_config.get('representation_size')
   reducer = model_config.get('reducer') or {}  # Configs from before reducers lack it.
   kind = reducers.check_kind(reducer.get('kind', 'patchmerger'))
@@ -56,9 +57,9 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
             if kind == 'tome' else ())
   attention = model_config.get('attention', 'auto')
   if attention == 'cudnn' and not attention_lib.cudnn_supports(DTYPES[dtype], 8):
-    raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 "
-                     f"or newer and model.dtype bfloat16 or float16 (here: "
-                     f"{jax.local_devices()[0].device_kind}, {dtype}); use 'auto' or 'xla'.")
+    raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 "
+                      f"or newer and model.dtype bfloat16 or float16 (here: "
+                      f"{jax.local_devices()[0].device_kind}, {dtype}); use 'auto' or 'xla'.")
   return VisionTransformer(
       num_classes=num_classes,
       attention=attention,

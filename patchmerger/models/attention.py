@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from patchmerger.errors import ConfigError
+
 Dtype = Any
 
 
@@ -58,10 +60,10 @@ def choose_implementation(requested: Optional[str], dtype: Any, head_dim: int,
   if requested == 'auto':
     return ('cudnn' if cudnn_supports(dtype, head_dim, has_bias, backend, compute_capability)
             else 'xla')
-  raise ValueError(f'model.attention must be one of {IMPLEMENTATIONS}, got {requested!r}')
+  raise ConfigError(f'model.attention must be one of {IMPLEMENTATIONS}, got {requested!r}')
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(nn.Module, kw_only=True):
   """Self-attention over [batch, tokens, D].
 
   Attributes:
@@ -83,7 +85,7 @@ class MultiHeadAttention(nn.Module):
     logits. Returns the output, or (output, keys [batch, tokens, heads, head_dim])."""
     width = x.shape[-1]
     if width % self.num_heads:
-      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+      raise ConfigError(f'width {width} is not divisible by num_heads {self.num_heads}')
     project = functools.partial(
         nn.DenseGeneral, features=(self.num_heads, width // self.num_heads), axis=-1,
         dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())

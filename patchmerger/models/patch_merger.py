@@ -12,7 +12,7 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-class PatchMerger(nn.Module):
+class PatchMerger(nn.Module, kw_only=True):
   """Learned merging of [batch, N, D] tokens into [batch, M, D] tokens.
 
   Attributes:

@@ -13,18 +13,20 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from patchmerger.errors import ConfigError
+
 Dtype = Any
 
 
 def output_grid(num_tokens: int, grid: tuple[int, int]) -> tuple[int, int]:
   """The oh x ow grid of M tokens pooled from `grid` (h, w)."""
   if num_tokens < 1:
-    raise ValueError(f'Pooling needs num_tokens >= 1, got {num_tokens}.')
+    raise ConfigError(f'Pooling needs num_tokens >= 1, got {num_tokens}.')
   short = max(d for d in range(1, math.isqrt(num_tokens) + 1) if num_tokens % d == 0)
   out = (short, num_tokens // short) if grid[0] <= grid[1] else (num_tokens // short, short)
   if out[0] > grid[0] or out[1] > grid[1]:
-    raise ValueError(f'Pooling a {grid[0]}x{grid[1]} token grid cannot give {num_tokens} '
-                     f'tokens ({out[0]}x{out[1]}): choose M with a grid inside it.')
+    raise ConfigError(f'Pooling a {grid[0]}x{grid[1]} token grid cannot give {num_tokens} '
+                      f'tokens ({out[0]}x{out[1]}): choose M with a grid inside it.')
   return out
 
 
@@ -40,7 +42,7 @@ def pooling_matrix(num_tokens: int, grid: tuple[int, int]) -> np.ndarray:
   return weights / weights.sum(axis=1, keepdims=True)
 
 
-class TokenPooling(nn.Module):
+class TokenPooling(nn.Module, kw_only=True):
   """[batch, h*w, D] tokens on `grid` -> [batch, M, D] averages.
 
   The weights [batch, M, N] are sown into 'intermediates' under

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 
+from patchmerger.errors import ConfigError
 from patchmerger.models.patch_merger import PatchMerger
 from patchmerger.models.pooling import TokenPooling, output_grid
 from patchmerger.models.tokenlearner import TokenLearner
@@ -22,7 +23,7 @@ TRAINED = ('patchmerger', 'tokenlearner')  # Kinds with parameters of their own.
 
 def check_kind(kind: str) -> str:
   if kind not in KINDS:
-    raise ValueError(f'model.reducer.kind must be one of {", ".join(KINDS)}; got {kind!r}.')
+    raise ConfigError(f'model.reducer.kind must be one of {", ".join(KINDS)}; got {kind!r}.')
   return kind
 
 
@@ -33,14 +34,16 @@ def between_blocks(kind: str, num_tokens: int, grid: Optional[tuple[int, int]],
   module(x, deterministic); `grid` is the (h, w) layout of the N tokens, or None
   when they have none. `dropout_rate` is the model's (TokenLearner uses it)."""
   if kind == 'patchmerger':
-    return PatchMerger(num_tokens, merge_normalized, dtype, name=name)
+    return PatchMerger(num_tokens=num_tokens, merge_normalized=merge_normalized, dtype=dtype,
+                       name=name)
   if kind == 'tokenlearner':
-    return TokenLearner(num_tokens, dropout_rate=dropout_rate, dtype=dtype, name=name)
+    return TokenLearner(num_tokens=num_tokens, dropout_rate=dropout_rate, dtype=dtype,
+                        name=name)
   if kind == 'pool':
     if grid is None:
-      raise ValueError('pool needs tokens on a grid.')
-    return TokenPooling(num_tokens, tuple(grid), dtype, name=name)
-  raise ValueError(f'{kind!r} is not a between-block reducer ({", ".join(BETWEEN_BLOCKS)}).')
+      raise ConfigError('pool needs tokens on a grid.')
+    return TokenPooling(num_tokens=num_tokens, grid=tuple(grid), dtype=dtype, name=name)
+  raise ConfigError(f'{kind!r} is not a between-block reducer ({", ".join(BETWEEN_BLOCKS)}).')
 
 
 def grid_after(kind: str, num_tokens: int,

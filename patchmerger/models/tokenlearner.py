@@ -16,7 +16,7 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-class TokenLearner(nn.Module):
+class TokenLearner(nn.Module, kw_only=True):
   """Learned [batch, N, D] -> [batch, M, D] reduction.
 
   Attributes:

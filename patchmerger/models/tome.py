@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from patchmerger.errors import ConfigError
+
 MergeCounts = Union[int, Sequence[int]]
 
 
@@ -38,30 +40,30 @@ def schedule(r: MergeCounts, depth: int, *, inflection: float = 0.,
   `start_block` s sets the first s entries to 0, whatever the rest say.
   """
   if not 0 <= int(start_block) < depth:
-    raise ValueError(f'model.reducer.start_block must be in 0..{depth - 1}, got {start_block}.')
+    raise ConfigError(f'model.reducer.start_block must be in 0..{depth - 1}, got {start_block}.')
   inflection = float(inflection)
   if not -1. <= inflection <= 1.:
-    raise ValueError(f'model.reducer.inflection must be in [-1, 1], got {inflection}.')
+    raise ConfigError(f'model.reducer.inflection must be in [-1, 1], got {inflection}.')
   if isinstance(r, int) and not isinstance(r, bool):
     if r < 0:
-      raise ValueError(f'model.reducer.r must be >= 0, got {r}.')
+      raise ConfigError(f'model.reducer.r must be >= 0, got {r}.')
     first = int(r * (1. - inflection))
     step = (2 * r - 2 * first) / (depth - 1) if depth > 1 else 0.
     per_block = [int(first + step * block) for block in range(depth)]
   elif isinstance(r, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
                                             for v in r):
     if inflection:
-      raise ValueError('model.reducer.inflection applies to an int r, not to a list of '
-                       f'merge counts per block (r={list(r)}).')
+      raise ConfigError('model.reducer.inflection applies to an int r, not to a list of '
+                        f'merge counts per block (r={list(r)}).')
     if len(r) > depth or any(v < 0 for v in r):
-      raise ValueError(f'model.reducer.r lists merge counts >= 0, at most one per block of '
-                       f'the {depth}; got {list(r)}.')
+      raise ConfigError(f'model.reducer.r lists merge counts >= 0, at most one per block of '
+                        f'the {depth}; got {list(r)}.')
     per_block = list(r) + [0] * (depth - len(r))
   elif isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], float):
-    raise ValueError(f'model.reducer.r={tuple(r)} reads as ToMe\'s (r, inflection) pair: '
-                     f'write model.reducer.r={r[0]} and model.reducer.inflection={r[1]}.')
+    raise ConfigError(f'model.reducer.r={tuple(r)} reads as ToMe\'s (r, inflection) pair: '
+                      f'write model.reducer.r={r[0]} and model.reducer.inflection={r[1]}.')
   else:
-    raise ValueError(f'model.reducer.r must be an int or a list of ints, got {r!r}.')
+    raise ConfigError(f'model.reducer.r must be an int or a list of ints, got {r!r}.')
   return tuple(0 if block < start_block else v for block, v in enumerate(per_block))
 
 

@@ -9,8 +9,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from patchmerger import config_renames, evaluators
 from patchmerger.checkpoints import loading
 from patchmerger.data import input_pipeline
+from patchmerger.errors import ConfigError
 from patchmerger.models import build_model
 from patchmerger.training import sharding
 
@@ -27,7 +29,6 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'accum_steps': _positive,
     'num_classes': _positive,
     'log_every': _positive,
-    'eval_every': _positive,
     'checkpoint_every': _positive,
     'keep_checkpoints': _positive,
     'seed': _non_negative,
@@ -58,11 +59,29 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'mesh.data': (lambda v: v == -1 or v >= 1, '-1 (all remaining devices) or >= 1'),
     'mesh.fsdp': (lambda v: v == -1 or v >= 1, '-1 (all remaining devices) or >= 1'),
     'mesh.fsdp_min_size': _non_negative,
-    'fewshot.every': _non_negative,
-    'fewshot.pool_examples': _positive,
-    'fewshot.test_examples': _positive,
-    'fewshot.l2': _non_negative,
 }
+# Fields of the evaluators in config.evals, by kind ('*': every kind).
+EVAL_RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    '*': {'every': _non_negative},
+    'fewshot': {'pool_examples': _positive, 'test_examples': _positive, 'l2': _non_negative},
+    'throughput': {'batches': _positive},
+    'merge_pictures': {'images': _positive},
+}
+def check_renamed(config: Any) -> None:
+  """ConfigError naming the new key when `config` still has a moved one."""
+  for old in config_renames.RENAMED:
+    if old in config:
+      raise ConfigError(config_renames.renamed_key(old))
+
+
+def ranges(config: Any) -> dict[str, tuple[Callable[[Any], bool], str]]:
+  """Every range-checked field path of `config`: RANGES plus its evaluators' fields."""
+  checked = dict(RANGES)
+  for name, spec in (config.get('evals') or {}).items():
+    kind = evaluators.kind_of(name, spec)
+    for field, check in (EVAL_RANGES['*'] | EVAL_RANGES.get(kind, {})).items():
+      checked[f'evals.{name}.{field}'] = check
+  return checked
 
 
 def _lookup(config: Any, path: str) -> tuple[bool, Any]:
@@ -76,32 +95,33 @@ def _lookup(config: Any, path: str) -> tuple[bool, Any]:
 
 def check_ranges(config: Any) -> None:
   """ValueError naming the first field whose value is out of its range."""
-  for path, (valid, expected) in RANGES.items():
+  check_renamed(config)
+  for path, (valid, expected) in ranges(config).items():
     present, value = _lookup(config, path)
     if not present or value is None:
       continue
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         isinstance(value, float) and not math.isfinite(value)) or not valid(value):
-      raise ValueError(f'config.{path} must be {expected}, got {value!r}.')
-  present, shots = _lookup(config, 'fewshot.shots')
-  if present and any(int(s) < 1 for s in shots):
-    raise ValueError(f'config.fewshot.shots must all be >= 1, got {tuple(shots)}.')
+      raise ConfigError(f'config.{path} must be {expected}, got {value!r}.')
+  for name, spec in (config.get('evals') or {}).items():
+    if 'shots' in spec and any(int(s) < 1 for s in spec['shots']):
+      raise ConfigError(f'config.evals.{name}.shots must all be >= 1, got {tuple(spec["shots"])}.')
   present, mergers = _lookup(config, 'model.merger')
   if present and isinstance(mergers, (tuple, list)):
     for merger in mergers:
       if int(merger['num_tokens']) < 1:
-        raise ValueError(f'config.model.merger num_tokens must be >= 1, got {mergers}.')
+        raise ConfigError(f'config.model.merger num_tokens must be >= 1, got {mergers}.')
 
 
 def check_batch(config: Any) -> None:
   """The batch arithmetic against devices, gradient accumulation and data shards."""
   num_devices = jax.device_count()
   if config.batch_size % num_devices:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
-                     f'{num_devices} devices.')
+    raise ConfigError(f'batch_size {config.batch_size} is not divisible by the '
+                      f'{num_devices} devices.')
   if config.batch_size % (config.accum_steps * num_devices):
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by accum_steps '
-                     f'{config.accum_steps} x {num_devices} devices.')
+    raise ConfigError(f'batch_size {config.batch_size} is not divisible by accum_steps '
+                      f'{config.accum_steps} x {num_devices} devices.')
   input_pipeline.check_shards(config.input, config.batch_size, jax.process_count())
 
 
@@ -116,9 +136,9 @@ def validate(config: Any) -> None:
   model = build_model(config.model, config.num_classes)
   if model.reducer == 'tome' and not any(model.tome_r):
     reducer = config.model.reducer
-    raise ValueError(f'model.reducer.kind=tome merges nothing with r={reducer.get("r")!r}, '
-                     f'start_block={reducer.get("start_block", 0)}: set '
-                     f'--config.model.reducer.r (e.g. 8), or use kind=none for the plain ViT.')
+    raise ConfigError(f'model.reducer.kind=tome merges nothing with r={reducer.get("r")!r}, '
+                      f'start_block={reducer.get("start_block", 0)}: set '
+                      f'--config.model.reducer.r (e.g. 8), or use kind=none for the plain ViT.')
   images = jax.ShapeDtypeStruct(
       (1, config.input.image_size, config.input.image_size, config.input.channels), jnp.float32)
   jax.eval_shape(model.init, jax.random.key(0), images)

@@ -1,8 +1,9 @@
 """Metric writers: TensorBoard (clu) plus a machine-readable metrics.jsonl."""
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 import tensorflow as tf
 from clu import metric_writers
@@ -70,3 +71,19 @@ def read_metrics(workdir: str) -> list[dict]:
       except json.JSONDecodeError:
         continue
   return records
+
+
+def scalars(results: Mapping[str, Any]) -> dict[str, float]:
+  """The numbers of `results` (lists, such as per-class accuracies, and paths left out)."""
+  return {k: v for k, v in results.items()
+          if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
+def first_nonfinite(step_metrics: Sequence[dict], first_step: int,
+                    names: Sequence[str]) -> Optional[tuple[int, str, float]]:
+  """(step, metric, value) of the first non-finite value among `names`."""
+  for offset, record in enumerate(jax.device_get(list(step_metrics))):
+    for name in names:
+      if not np.isfinite(record[name]):
+        return first_step + offset, name, float(record[name])
+  return None

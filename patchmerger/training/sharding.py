@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from patchmerger.errors import ClusterError, ConfigError
+
 BATCH_AXES = ('data', 'fsdp')
 
 
@@ -93,7 +95,7 @@ def parse_distributed(value: Union[bool, str]) -> Union[bool, str]:
     return False
   if text == 'auto':
     return 'auto'
-  raise ValueError(f"config.distributed must be True, False or 'auto', got {value!r}")
+  raise ConfigError(f"config.distributed must be True, False or 'auto', got {value!r}")
 
 
 def maybe_initialize_distributed(requested: Union[bool, str],
@@ -124,7 +126,7 @@ def maybe_initialize_distributed(requested: Union[bool, str],
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                local_device_ids=local_device_ids())
   except ValueError as e:  # Nothing described the cluster.
-    raise RuntimeError(
+    raise ClusterError(
         f'config.distributed=True but no cluster was found ({e}). On one host use '
         "--config.distributed=auto (the default) or False; on a cluster pass "
         '--coordinator_address, --num_processes and --process_id (or set '
@@ -141,16 +143,16 @@ def make_mesh(mesh_config: Mapping[str, int]) -> Mesh:
   sizes = {axis: int(mesh_config.get(axis, 1)) for axis in BATCH_AXES}
   unknown = set(mesh_config) - set(BATCH_AXES) - {'fsdp_min_size'}
   if unknown:
-    raise ValueError(f'Unknown mesh axes {sorted(unknown)}; expected {BATCH_AXES}')
+    raise ConfigError(f'Unknown mesh axes {sorted(unknown)}; expected {BATCH_AXES}')
   free = [axis for axis, size in sizes.items() if size == -1]
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if len(free) > 1 or fixed < 1 or num_devices % fixed:
-    raise ValueError(f'Mesh {dict(mesh_config)} does not fit {num_devices} devices.')
+    raise ConfigError(f'Mesh {dict(mesh_config)} does not fit {num_devices} devices.')
   if free:
     sizes[free[0]] = num_devices // fixed
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f'Mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, '
-                     f'but there are {num_devices}.')
+    raise ConfigError(f'Mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, '
+                      f'but there are {num_devices}.')
   devices = np.asarray(jax.devices()).reshape([sizes[a] for a in BATCH_AXES])
   return Mesh(devices, BATCH_AXES)
 

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from patchmerger.errors import ConfigError
+
 
 def learning_rate_schedule(lr: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   """Linear warm-up to lr.base, then cosine, linear or constant decay."""
@@ -18,7 +20,7 @@ def learning_rate_schedule(lr: Mapping[str, Any], total_steps: int) -> optax.Sch
       'constant': lambda: optax.constant_schedule(base),
   }
   if lr['decay'] not in decays:
-    raise ValueError(f'lr.decay must be one of {sorted(decays)}, got {lr["decay"]!r}')
+    raise ConfigError(f'lr.decay must be one of {sorted(decays)}, got {lr["decay"]!r}')
   return optax.join_schedules([optax.linear_schedule(0., base, warmup), decays[lr['decay']]()],
                               [warmup])
 
@@ -39,14 +41,14 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(config.lr, config.total_steps)
   mu_dtype = optim.get('mu_dtype')  # None: the parameters' float32.
   if mu_dtype not in MU_DTYPES:
-    raise ValueError(f'optim.mu_dtype must be one of {MU_DTYPES}, got {mu_dtype!r}')
+    raise ConfigError(f'optim.mu_dtype must be one of {MU_DTYPES}, got {mu_dtype!r}')
   if optim.name == 'adamw':
     update = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
                          mask=decay_mask, mu_dtype=mu_dtype and jnp.dtype(mu_dtype))
   elif optim.name == 'sgd':
     update = optax.sgd(schedule, momentum=optim.b1)
   else:
-    raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {optim.name!r}")
+    raise ConfigError(f"optim.name must be 'adamw' or 'sgd', got {optim.name!r}")
   if optim.clip_norm:
     update = optax.chain(optax.clip_by_global_norm(optim.clip_norm), update)
   if config.skip_nonfinite_updates:  # Skip (and count) up to N bad updates in a row.

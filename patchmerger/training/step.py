@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from patchmerger.errors import ConfigError
 from patchmerger.training.state import TrainState
 
 
@@ -21,7 +22,7 @@ def classification_loss(logits: jax.Array, labels: jax.Array, kind: str,
     return optax.softmax_cross_entropy(logits, targets)
   if kind == 'sigmoid_xent':
     return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
-  raise ValueError(f"loss must be 'softmax_xent' or 'sigmoid_xent', got {kind!r}")
+  raise ConfigError(f"loss must be 'softmax_xent' or 'sigmoid_xent', got {kind!r}")
 
 
 def split_micro_batches(batch: Mapping[str, jax.Array], accum_steps: int) -> dict:

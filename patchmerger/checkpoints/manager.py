@@ -1,4 +1,6 @@
-"""Orbax checkpoints of the train state: save every N steps, keep K, resume.
+"""Orbax checkpoints of a run: the manager, listing steps, save, restore and resume.
+
+Training, `eval.py`, `init_from` and export all read and write checkpoints here.
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed mid-save leaves no half checkpoint behind. A checkpoint that is
@@ -11,29 +13,45 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
-import tensorflow as tf
+from etils import epath
+
+from patchmerger.errors import CheckpointError, CheckpointNotFoundError, UserError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
   """The checkpoint holds a different model or optimizer than the config builds."""
 
 
-class UnreadableCheckpointError(RuntimeError):
+class UnreadableCheckpointError(CheckpointError):
   """A checkpoint's files cannot be read (truncated or corrupted)."""
 
 
-def make_manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str, keep: Optional[int] = None, read_only: bool = False,
+                 partial: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of `workdir`'s checkpoints. `partial` managers read a subtree
+  (the parameters without the optimizer) and are always read-only."""
+  read_only = read_only or partial
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                          read_only=read_only)
   # The handler is named up front so that metadata can be read before a restore.
+  handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+                               item_handlers=handler)
 
 
 def checkpoint_dir(workdir: str) -> str:
   if '://' in workdir:  # Object storage (gs://...): already absolute, not a local path.
     return workdir.rstrip('/') + '/checkpoints'
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
+
+
+def steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps of a run directory, oldest first (read-only; orbax
+  renames a step's temporary directory to its number only when the step is complete)."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -88,7 +106,7 @@ def _out_of_memory(error: Exception) -> bool:
           or 'out of memory' in text.lower())
 
 
-class OutOfMemoryOnRestore(RuntimeError):
+class OutOfMemoryOnRestore(UserError, RuntimeError):
   """Restoring a checkpoint ran out of memory; the checkpoint was left in place."""
 
 
@@ -135,12 +153,12 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   aside_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_unreadable')
   destination = os.path.join(aside_dir, str(step))
   if jax.process_index() == 0:
-    tf.io.gfile.makedirs(aside_dir)
+    epath.Path(aside_dir).mkdir(parents=True, exist_ok=True)
     suffix = 0
-    while tf.io.gfile.exists(destination):
+    while epath.Path(destination).exists():
       suffix += 1
       destination = os.path.join(aside_dir, f'{step}.{suffix}')
-    tf.io.gfile.rename(source, destination)
+    epath.Path(source).rename(destination)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
@@ -166,3 +184,44 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Optional[Any]
     logging.info('Resuming from checkpoint at step %d', step)
     return restored
   return None
+
+
+def restore_for_eval(run_dir: str, step: Optional[int], target: Any) -> Any:
+  """Checkpoint `step` (default: the latest) of `run_dir` onto `target`, read-only."""
+  manager = make_manager(run_dir, read_only=True)
+  try:  # Closed on every path: its background threads must not outlive an error.
+    available = manager.all_steps()
+    step = max(available, default=None) if step is None else step
+    if step is None:
+      raise CheckpointNotFoundError(f'No checkpoint in {checkpoint_dir(run_dir)}')
+    if step not in available:
+      raise CheckpointNotFoundError(f'No checkpoint at step {step} in '
+                                    f'{checkpoint_dir(run_dir)}; steps: {sorted(available)}.')
+    return restore_step(manager, step, target)
+  finally:
+    manager.close()
+
+
+def read_params(workdir: str, step: Optional[int] = None) -> Any:
+  """The parameters of checkpoint `step` (default: the latest) of one of our runs, on
+  one host device, whatever devices wrote them; the optimizer state stays on disk."""
+  step = steps(workdir)[-1] if step is None else step
+  manager = make_manager(workdir, partial=True)
+  try:
+    # Without a target, orbax would rebuild the writer's shardings, and fail on any
+    # other device count.
+    metadata = manager.item_metadata(step)
+    metadata = getattr(metadata, 'tree', metadata)
+    try:
+      host = jax.local_devices(backend='cpu')[0]
+    except RuntimeError:  # No CPU backend (JAX_PLATFORMS=cuda): the first device.
+      host = jax.local_devices()[0]
+    on_host = jax.sharding.SingleDeviceSharding(host)
+    target = {'params': jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host), metadata['params'])}
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  finally:
+    manager.close()
+  return restored['params']

@@ -1,18 +1,27 @@
 """Pictures of what each merged token looks at: the first PatchMerger's weights
 over the input patches, upsampled onto the image (like the paper's figures)."""
 import io
+import os
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
 
+from patchmerger.data import input_pipeline
+from patchmerger.errors import ConfigError
+from patchmerger.evaluators import common
+from patchmerger.training import sharding
+
+# Reducers whose merged tokens are weighted sums over the patches (ToMe merges pairs).
+DRAWABLE = ('patchmerger', 'tokenlearner', 'pool')
+
 
 def merge_weights(model: Any, params: Any, images: np.ndarray) -> np.ndarray:
   """[batch, M, grid_h, grid_w] weights of the first between-block reducer
   (PatchMerger, TokenLearner or pooling) over the patch grid."""
   if not model.mergers:
-    raise ValueError('This model has no PatchMerger: no merge weights to draw.')
+    raise ConfigError('This model has no PatchMerger: no merge weights to draw.')
   _, state = model.apply({'params': params}, images, mutable=['intermediates'])
   first_block = min(block for block, _ in model.mergers)
   weights = np.asarray(jax.device_get(state['intermediates']['Transformer'][
@@ -59,3 +68,24 @@ def draw(images: np.ndarray, weights: np.ndarray, path: str, mean: float = 0.,
   with path.open('wb') as f:
     f.write(buffer.getvalue())
   return panels
+
+
+class Evaluator(common.Evaluator):
+  """Draws the first `images` test images with their merge weights at `path` (default:
+  WORKDIR/merge_pictures.png); models without a drawable reducer are skipped.
+  Spec: `every`, `images`, `path`."""
+
+  def run(self, params: Any) -> dict:
+    context = self.context
+    model = context.model
+    if not model.mergers or model.reducer not in DRAWABLE:
+      return {}
+    params = sharding.to_host(params)  # On every process: a collective when FSDP spans hosts.
+    path = self.spec.get('path') or os.path.join(context.workdir, 'merge_pictures.png')
+    if jax.process_index() == 0:
+      config = context.config
+      images = input_pipeline.first_images(context.builder, config.test_split, config.input,
+                                           int(self.spec.get('images', 4)))
+      draw(images, merge_weights(model, params, images), path, config.input.mean,
+           config.input.std)
+    return {f'{self.name}/path': path}

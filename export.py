@@ -1,8 +1,8 @@
 r"""Exports the parameters of a run's checkpoint in a public layout.
 
-  python -m patchmerger.export --workdir=W --to=npz           # W/export/params.npz
-  python -m patchmerger.export --workdir=W --to=big_vision    # W/export/big_vision.npz
-  python -m patchmerger.export --workdir=W --to=transformers  # W/export/transformers/
+  python export.py --workdir=W --to=npz           # W/export/params.npz
+  python export.py --workdir=W --to=big_vision    # W/export/big_vision.npz
+  python export.py --workdir=W --to=transformers  # W/export/transformers/
 
 `transformers` writes a directory that `ViTForImageClassification.from_pretrained` opens;
 it takes plain class-token ViTs only (transformers has no token merging).

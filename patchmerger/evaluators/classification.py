@@ -1,0 +1,40 @@
+"""Test loss, accuracy and accuracy per class over a whole split."""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from patchmerger.data import input_pipeline
+from patchmerger.evaluators import common
+from patchmerger.training import sharding
+
+
+def evaluate(eval_fn: Any, params: Any, eval_data: tuple, data_sharding: Any,
+             batch_size: int, prefix: str = 'test') -> dict:
+  """Loss, accuracy and per-class accuracy (a list) over the whole split; padding is
+  masked out."""
+  data, num_batches = eval_data
+  totals = None
+  for local in input_pipeline.padded_batches(data, num_batches, batch_size):
+    sums = eval_fn(params, sharding.global_batch(local, data_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  counts = np.maximum(totals['class_count'], 1)
+  return {f'{prefix}/loss': float(totals['loss_sum'] / totals['count']),
+          f'{prefix}/accuracy': float(totals['correct'] / totals['count']),
+          f'{prefix}/examples': int(totals['count']),
+          f'{prefix}/class_accuracy': [float(a) for a in totals['class_correct'] / counts]}
+
+
+class Evaluator(common.Evaluator):
+  """Spec: `every`, `split` (default: config.test_split)."""
+
+  def prepare(self) -> None:
+    self.context.eval_data(self.spec.get('split') or None)
+
+  def run(self, params: Any) -> dict:
+    context = self.context
+    split = self.spec.get('split') or context.config.test_split
+    return evaluate(context.eval_fn, params, context.eval_data(split), context.data_sharding,
+                    context.batch_size, prefix=self.name)
