@@ -31,9 +31,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def report(results: dict) -> str:
   """One line per result: 'test/accuracy' -> '  test accuracy   0.9012'."""
-  lines = [f'Checkpoint step {results["step"]}:']
+  examples = (f' on {results["test/examples"]} test examples' if 'test/examples' in results
+              else '')
+  lines = [f'Checkpoint step {results["step"]}{examples}:']
   for key, value in results.items():
-    if key == 'step':
+    if key in ('step', 'test/examples'):
       continue
     if isinstance(value, list):
       text = ' '.join(f'{v:.3f}' for v in value)
@@ -48,12 +50,15 @@ def report(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _EXPORT.value:
-    cli.fail(f'--export_npz moved to export.py: python export.py --workdir='
-             f'{_CHECKPOINT.value or _WORKDIR.value} --to=npz --out={_EXPORT.value}')
+  if _EXPORT.value:  # A .npz --checkpoint is already an export: name the run directory.
+    run_dir = (_CHECKPOINT.value if _CHECKPOINT.value and os.path.isdir(_CHECKPOINT.value)
+               else _WORKDIR.value)
+    step = f' --step={_STEP.value}' if _STEP.value is not None else ''
+    cli.fail(f'--export_npz moved to export.py: python export.py --workdir={run_dir}{step} '
+             f'--to=npz --out={_EXPORT.value}')
   import jax
   import tensorflow as tf
-  from patchmerger import evaluate
+  from patchmerger import evaluate, evaluators
   from patchmerger.data import input_pipeline
   from patchmerger.training import config_checks
 
@@ -63,7 +68,7 @@ def main(argv):
     cli.initialize_distributed(config.distributed)
     config_checks.validate(config)  # Bad settings fail before any data work.
     skip = [name for name, spec in (config.get('evals') or {}).items()
-            if not _PICTURES.value and spec.get('kind', name) == 'merge_pictures']
+            if not _PICTURES.value and evaluators.kind_of(name, spec) == 'merge_pictures']
     results = evaluate.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value,
                                            source=_CHECKPOINT.value, skip=skip)
     if jax.process_index() == 0:  # The workdir is made only once evaluation succeeded.

@@ -85,10 +85,9 @@ def inference_rate(config) -> float:
 
 def main(argv):
   del argv
-  from patchmerger import flops
+  from patchmerger import evaluate as evaluate_lib, flops
   from patchmerger.data import local
   from patchmerger.models import build_model
-  from patchmerger import evaluate as evaluate_lib
   from patchmerger.training import loop
   root = _WORKDIR.value
   os.makedirs(root, exist_ok=True)

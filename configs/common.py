@@ -83,9 +83,8 @@ def fewshot_config(pool_examples: int, test_examples: int,
 
 
 def evals_config(every: int, fewshot: Optional[dict] = None) -> ml_collections.ConfigDict:
-  """The `evals` section (patchmerger/evaluators): NAME -> {kind, every, ...}, run in
-  name order. `every`: steps between evaluations in training (and the last step);
-  0: only in eval.py."""
+  """The `evals` section (patchmerger/evaluators): NAME -> {kind, every, ...}. `every`:
+  steps between evaluations in training (and the last step); 0: only in eval.py."""
   evals = dict(
       test=dict(kind='classification', every=every,
                 split=''),                 # '': config.test_split

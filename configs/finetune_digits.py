@@ -35,6 +35,6 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.optim.weight_decay = 0.0
   config.lr.update(base=5e-4, warmup_steps=30)
   config.log_every = 25
-  config.evals = common.evals_config(every=100)
+  config.evals.test.every = 100
   config.checkpoint_every = 100
   return config

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from patchmerger import evaluators
-from patchmerger.checkpoints import loading, manager as checkpoints, model_config
+from patchmerger.checkpoints import loading, manager as checkpoint_manager, model_config
 from patchmerger.data import input_pipeline, local
 from patchmerger.training import config_checks, setup as setup_lib, sharding
 
@@ -29,7 +29,7 @@ def restore_params(run: setup_lib.Setup, workdir: str, step: Optional[int],
           f'{source} ({report.layout}) lacks parameters this model needs for evaluation: '
           f'{", ".join((report.new + report.reinitialised)[:3])}.')
     return jax.device_put(params, run.state_sharding.params), 0
-  state = checkpoints.restore_for_eval(source or workdir, step, run.state)
+  state = checkpoint_manager.restore_for_eval(source or workdir, step, run.state)
   return state.params, int(state.step)
 
 
@@ -46,6 +46,7 @@ def evaluate_checkpoint(config: Any, workdir: str,
   config_checks.check_batch(config)
   model_config.warn_if_different(source or workdir, config.model)
   builder = builder or local.ensure_prepared(config.dataset, config.data_dir)
+  local.check_splits(builder, (config.train_split, config.test_split))
   # A checkpoint restores onto abstract shapes; a .npz is fitted onto initial ones.
   run = setup_lib.setup(config, initialise=_is_file(source))
   params, step = restore_params(run, workdir, step, source)

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchmerger.errors import ConfigError
 from patchmerger.models.vit import VisionTransformer
 
 
@@ -84,9 +83,9 @@ def analytic_gflops(model: VisionTransformer, image_shape: tuple[int, int, int])
   cls = 1 if model.classifier == 'token' else 0
   tokens = (height // p) * (width // p)
   if model.conv_stem:
-    raise ConfigError('analytic_gflops covers the plain patchify stem only')
+    raise ValueError('analytic_gflops covers the plain patchify stem only')
   if model.reducer not in ('patchmerger', 'pool', 'none'):
-    raise ConfigError(f'analytic_gflops does not count {model.reducer}; use measured_gflops')
+    raise ValueError(f'analytic_gflops does not count {model.reducer}; use measured_gflops')
   macs = tokens * p * p * channels * d  # Patch embedding.
   mergers = dict(model.mergers)
   for block in range(model.depth):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ml_collections
 
+from patchmerger import config_renames
 from patchmerger.errors import ConfigError, UnknownKeyError
 
 Overrides = dict[str, Any]
@@ -27,10 +28,13 @@ COLUMNS = ('test/accuracy', 'gflops_per_image', 'train/images_per_sec', 'wall_s'
 
 
 def _field_type(config: ml_collections.ConfigDict, key: str) -> type:
-  """The declared type of dotted `key`; KeyError names the unknown part."""
+  """The declared type of dotted `key`; UnknownKeyError names the unknown part (or the
+  key's new name, when it moved)."""
   node, parts = config, key.split('.')
   for depth, part in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      if config_renames.renamed_key(key):
+        raise UnknownKeyError(config_renames.renamed_key(key))
       raise UnknownKeyError(f'Unknown sweep key {key!r}: {".".join(parts[:depth + 1])!r} is not in '
                             'the config.')
     if depth == len(parts) - 1:
@@ -138,7 +142,13 @@ def config_sweep(module: types.ModuleType, config_arg: str) -> list[Overrides]:
 
 def flag_overrides(base_flags: Sequence[str]) -> dict[str, str]:
   """['--config.lr.base=0.1'] -> {'lr.base': '0.1'}: the overrides given for every run."""
-  return dict(flag[len('--config.'):].split('=', 1) for flag in base_flags)
+  overrides = {}
+  for flag in base_flags:
+    key, sep, value = flag[len('--config.'):].partition('=')
+    if not sep:
+      raise ConfigError(f'{flag}: give every run\'s override as --config.KEY=VALUE.')
+    overrides[key] = value
+  return overrides
 
 
 def config_for(module: types.ModuleType, config_arg: str, base_overrides: Mapping[str, str],

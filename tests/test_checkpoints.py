@@ -285,6 +285,12 @@ def test_export_command_writes_npz_and_refuses_transformers_for_a_merger_run(tmp
   assert errors[0].startswith('error: Cannot export to transformers: transformers\' ViT has no '
                               'token merging, and this model has patchmerger_1')
   assert not (tmp_path / 'export' / 'transformers').exists()
+  # Reading parameters names what is missing: a step, or a run directory.
+  from patchmerger import errors as errors_lib
+  with pytest.raises(errors_lib.CheckpointNotFoundError, match=r'No checkpoint at step 5 .*\[3\]'):
+    loading.load_orbax_params(str(tmp_path), step=5)
+  with pytest.raises(errors_lib.CheckpointNotFoundError, match='is not a run directory'):
+    loading.load_orbax_params(str(tmp_path / 'export' / 'params.npz'))
 
 
 def _tiny_model_config(**model):

@@ -95,3 +95,11 @@ def test_unknown_evaluator_kind_is_refused():
   config.evals.test.kind = 'clasification'
   with pytest.raises(errors.ConfigError, match=r"config.evals.test: unknown kind 'clasification'"):
     config_checks.validate(config)
+
+
+def test_fewshot_evaluator_without_its_pool_is_refused_before_training():
+  config = tiny.tiny_config()
+  del config.evals.fewshot['pool_examples']
+  with pytest.raises(errors.ConfigError,
+                     match='config.evals.fewshot needs a pool_examples field'):
+    config_checks.validate(config)

@@ -126,3 +126,13 @@ def test_each_evaluator_runs_at_its_own_every_in_training(tmp_path):
   assert logged('fewshot/1shot') == [2, 4]
   assert logged('test/images_per_sec') == []
   assert not (tmp_path / 'merge_pictures.png').exists()
+
+
+def test_evaluators_run_in_one_fixed_order_with_pictures_last():
+  from patchmerger import evaluators
+  config = tiny.tiny_config()
+  config.evals.val = dict(kind='classification', every=0, split='test')
+  names = [e.name for e in evaluators.from_config(config, context=None)]
+  assert names == ['test', 'val', 'throughput', 'fewshot', 'merge_pictures']
+  assert [e.name for e in evaluators.from_config(config, None, skip=('val', 'fewshot'))] == [
+      'test', 'throughput', 'merge_pictures']

@@ -85,6 +85,7 @@ def test_dry_run_prints_valid_train_commands(tmp_path):
     ('model.width=', ValueError, 'at least one value'),
     ('model.width=8,wide', ValueError, "Sweep value 'wide' for model.width is not a int"),
     ('lr.base=fast', ValueError, "Sweep value 'fast' for lr.base is not a float"),
+    ('eval_every=5,10', KeyError, 'config.eval_every is now config.evals.test.every'),
 ])
 def test_bad_sweeps_are_rejected(spec, error, message):
   config = tiny.tiny_config()
@@ -125,3 +126,9 @@ def test_arg_string_sweep_switches_the_merger_off_and_on(tmp_path):
     merger = parser.config.model.merger
     mergers.append(None if merger is None else (merger.num_tokens, merger.before_block))
   assert mergers == [None, (4, 2)]
+
+
+def test_overrides_for_every_run_need_a_value():
+  assert sweep.flag_overrides(['--config.lr.base=0.1']) == {'lr.base': '0.1'}
+  with pytest.raises(ValueError, match='--config.lr.base: give every run'):
+    sweep.flag_overrides(['--config.lr.base'])

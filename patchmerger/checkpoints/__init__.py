@@ -1,1 +1,2 @@
-"""Checkpoints in and out: layouts (detect, convert), strict loading, export."""
+"""Checkpoints in and out: the orbax manager (save, restore, resume, list steps, read
+parameters), layouts (detect, convert), strict loading, export."""

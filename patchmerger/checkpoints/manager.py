@@ -205,7 +205,14 @@ def restore_for_eval(run_dir: str, step: Optional[int], target: Any) -> Any:
 def read_params(workdir: str, step: Optional[int] = None) -> Any:
   """The parameters of checkpoint `step` (default: the latest) of one of our runs, on
   one host device, whatever devices wrote them; the optimizer state stays on disk."""
-  step = steps(workdir)[-1] if step is None else step
+  available = steps(workdir)
+  if not available:
+    raise CheckpointNotFoundError(f'{workdir} is not a run directory with checkpoints '
+                                  f'({checkpoint_dir(workdir)} holds no finished step).')
+  step = available[-1] if step is None else step
+  if step not in available:
+    raise CheckpointNotFoundError(f'No checkpoint at step {step} in {checkpoint_dir(workdir)}; '
+                                  f'steps: {available}.')
   manager = make_manager(workdir, partial=True)
   try:
     # Without a target, orbax would rebuild the writer's shardings, and fail on any

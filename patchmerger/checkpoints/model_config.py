@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 
 from etils import epath
 
+from patchmerger.errors import CheckpointError
 from patchmerger.models import build_model
 
 RUN_CONFIG = 'config.json'
@@ -60,7 +61,11 @@ def saved(source: str) -> Optional[dict]:
                 [os.path.join(source, TRANSFORMERS_FILE), os.path.join(source, RUN_CONFIG)])
   for path in candidates:
     if epath.Path(path).is_file():
-      value = json.loads(epath.Path(path).read_text())
+      try:
+        value = json.loads(epath.Path(path).read_text())
+      except json.JSONDecodeError as e:
+        raise CheckpointError(f'{path} is not readable JSON ({e}); restore it, or pass the '
+                              'run\'s --config.') from None
       if not path.endswith(RUN_CONFIG):
         return value
       if isinstance(value.get('model'), dict):  # Not some other tool's config.json.

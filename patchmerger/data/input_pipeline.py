@@ -25,8 +25,9 @@ AUGMENTATIONS = ('none', 'flip', 'flip_crop', 'inception_crop_flip')
 
 def hide_gpus_from_tensorflow() -> None:
   """tf.data runs on the host: a GPU build of TensorFlow must not take accelerator
-  memory from JAX. Call it before TensorFlow makes any tensor (train.py and
-  eval.py do, first); later, TensorFlow refuses, and that is only worth a warning."""
+  memory from JAX. Call it before TensorFlow makes any tensor (the training loop, the
+  evaluation and eval.py do, first); later, TensorFlow refuses, and that is only worth
+  a warning."""
   try:
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError as e:

@@ -30,11 +30,14 @@ def evaluate(eval_fn: Any, params: Any, eval_data: tuple, data_sharding: Any,
 class Evaluator(common.Evaluator):
   """Spec: `every`, `split` (default: config.test_split)."""
 
+  @property
+  def split(self) -> str:
+    return self.spec.get('split') or self.context.config.test_split
+
   def prepare(self) -> None:
-    self.context.eval_data(self.spec.get('split') or None)
+    self.context.eval_data(self.split)
 
   def run(self, params: Any) -> dict:
     context = self.context
-    split = self.spec.get('split') or context.config.test_split
-    return evaluate(context.eval_fn, params, context.eval_data(split), context.data_sharding,
-                    context.batch_size, prefix=self.name)
+    return evaluate(context.eval_fn, params, context.eval_data(self.split),
+                    context.data_sharding, context.batch_size, prefix=self.name)

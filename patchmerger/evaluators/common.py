@@ -11,9 +11,10 @@ from patchmerger.data import input_pipeline
 from patchmerger.training import sharding, step
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Context:
-  """The run an evaluator belongs to: its config, model, mesh, data and workdir."""
+  """The run an evaluator belongs to: its config, model, mesh, data and workdir; it
+  caches what several evaluators share (datasets, the compiled eval step)."""
   config: Any
   model: Any
   mesh: Any
@@ -65,4 +66,5 @@ class Evaluator(abc.ABC):
 
   @abc.abstractmethod
   def run(self, params: Any) -> dict:
-    """{metric name: value}; names start with the evaluator's name."""
+    """{metric name: value}; names start with the evaluator's name (throughput's with
+    its `prefix`, so that its figure sits beside the test metrics)."""

@@ -1,7 +1,7 @@
 """Few-shot linear probes on frozen pre-logits, as in the ViT papers: k examples
 per class, closed-form ridge regression to ±1 targets, accuracy on held-out data."""
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -44,18 +44,19 @@ def ridge_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 
 def fewshot_accuracies(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                        num_classes: int, shots: Sequence[int] = (1, 5, 10, 25),
-                       seed: int = 0, l2: float = 1.0) -> Mapping[str, float]:
-  """{'fewshot/K-shot': accuracy} for each K, probes fitted on K examples per class
+                       seed: int = 0, l2: float = 1.0,
+                       prefix: str = 'fewshot') -> Mapping[str, float]:
+  """{'PREFIX/Kshot': accuracy} for each K, probes fitted on K examples per class
   drawn from `train` (features, labels) and scored on all of `test`."""
   results = {}
   for k in shots:
     chosen = sample_shots(train[1], k, num_classes, seed)
-    results[f'fewshot/{k}shot'] = ridge_accuracy(train[0][chosen], train[1][chosen],
-                                                 test[0], test[1], num_classes, l2)
+    results[f'{prefix}/{k}shot'] = ridge_accuracy(train[0][chosen], train[1][chosen],
+                                                  test[0], test[1], num_classes, l2)
   return results
 
 
-def features_fn(model: Any, params_sharding: Any, data_sharding: Any):
+def features_fn(model: Any, params_sharding: Any, data_sharding: Any) -> Callable:
   """Jitted batch -> (pre-logits, the features the head reads; labels; mask), all
   three sharded alike, so that gathering them across hosts keeps them paired
   whatever order the hosts' devices have in the mesh."""
@@ -111,10 +112,10 @@ class Evaluator(common.Evaluator):
   def run(self, params: Any) -> dict:
     context, spec = self.context, self.spec
     config = context.config
-    get = functools.partial(_features, self._features_fn, params, context.builder, input_config=config.input,
-                            batch_size=context.batch_size, data_sharding=context.data_sharding)
+    get = functools.partial(_features, self._features_fn, params, context.builder,
+                            input_config=config.input, batch_size=context.batch_size,
+                            data_sharding=context.data_sharding)
     train = get(split=_head(context.builder, config.train_split, spec['pool_examples']))
     test = get(split=_head(context.builder, config.test_split, spec['test_examples']))
-    results = fewshot_accuracies(train, test, config.num_classes, tuple(spec['shots']),
-                                 seed=config.seed, l2=spec.get('l2', 1.0))
-    return {f'{self.name}/{key.split("/", 1)[1]}': value for key, value in results.items()}
+    return fewshot_accuracies(train, test, config.num_classes, tuple(spec['shots']),
+                              seed=config.seed, l2=spec.get('l2', 1.0), prefix=self.name)

@@ -22,7 +22,7 @@ class Evaluator(common.Evaluator):
     data, num_batches = context.eval_data()
     # Every process runs the same number of batches: the step is a collective.
     num_batches = min(num_batches, int(self.spec.get('batches', 10)) + 1)
-    start, examples = None, 0
+    start, examples, sums = None, 0, None
     for local in input_pipeline.padded_batches(data, num_batches, context.batch_size):
       sums = context.eval_fn(params, sharding.global_batch(local, context.data_sharding))
       if start is None:  # The first call may compile: leave it out of the speed.
@@ -30,7 +30,9 @@ class Evaluator(common.Evaluator):
         start = time.perf_counter()
       else:
         examples += context.batch_size * jax.process_count()
-    jax.block_until_ready(sums)
-    elapsed = time.perf_counter() - start
+    rate = float('nan')
+    if examples:  # A split of one batch times nothing.
+      jax.block_until_ready(sums)
+      rate = examples / (time.perf_counter() - start)
     prefix = self.spec.get('prefix') or self.name
-    return {f'{prefix}/images_per_sec': examples / elapsed if examples else float('nan')}
+    return {f'{prefix}/images_per_sec': rate}

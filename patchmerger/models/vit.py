@@ -19,8 +19,7 @@ import jax.numpy as jnp
 from patchmerger.errors import ConfigError
 from patchmerger.models import reducers
 from patchmerger.models.attention import IMPLEMENTATIONS
-# block_runs is re-exported: callers imported it from here before encoder.py existed.
-from patchmerger.models.encoder import Encoder, MlpBlock, block_runs, check_remat_policy
+from patchmerger.models.encoder import Encoder, MlpBlock, check_remat_policy
 from patchmerger.models.posemb import POSEMBS
 
 Dtype = Any
@@ -197,6 +196,3 @@ class VisionTransformer(nn.Module, kw_only=True):
                       kernel_init=nn.initializers.zeros, name='head')(x)
     return logits.astype(jnp.float32)
 
-
-__all__ = ['CLASSIFIERS', 'MAPHead', 'VARIANTS', 'VisionTransformer', 'block_runs',
-           'parse_variant']

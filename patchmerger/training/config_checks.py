@@ -67,6 +67,10 @@ EVAL_RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     'throughput': {'batches': _positive},
     'merge_pictures': {'images': _positive},
 }
+# Fields an evaluator of a kind cannot run without.
+EVAL_REQUIRED = {'fewshot': ('shots', 'pool_examples', 'test_examples')}
+
+
 def check_renamed(config: Any) -> None:
   """ConfigError naming the new key when `config` still has a moved one."""
   for old in config_renames.RENAMED:
@@ -94,8 +98,15 @@ def _lookup(config: Any, path: str) -> tuple[bool, Any]:
 
 
 def check_ranges(config: Any) -> None:
-  """ValueError naming the first field whose value is out of its range."""
+  """ConfigError naming the first field whose value is out of its range (or, for an
+  evaluator, missing)."""
   check_renamed(config)
+  for name, spec in (config.get('evals') or {}).items():
+    for field in EVAL_REQUIRED.get(evaluators.kind_of(name, spec), ()):
+      if field not in spec:
+        raise ConfigError(f'config.evals.{name} needs a {field} field '
+                          f'({evaluators.kind_of(name, spec)} evaluators take '
+                          f'{", ".join(EVAL_REQUIRED[evaluators.kind_of(name, spec)])}).')
   for path, (valid, expected) in ranges(config).items():
     present, value = _lookup(config, path)
     if not present or value is None:

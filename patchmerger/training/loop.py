@@ -16,9 +16,9 @@ import tensorflow_datasets as tfds
 from clu import parameter_overview, periodic_actions
 
 from patchmerger import evaluators, flops
-from patchmerger.checkpoints import loading, manager as checkpoints, model_config
+from patchmerger.checkpoints import loading, manager as checkpoint_manager, model_config
 from patchmerger.data import input_pipeline, local
-from patchmerger.errors import DivergedError
+from patchmerger.errors import DivergedError, Preempted
 from patchmerger.training import (config_checks, metrics, preemption, setup as setup_lib,
                                   sharding, state as state_lib, step, utilisation,
                                   workdir as workdir_lib)
@@ -30,12 +30,12 @@ def restore_or_initialise(config: Any, workdir: str) -> tuple[setup_lib.Setup, A
   """(setup, state, manager or None, resumed): the latest readable checkpoint of
   `workdir` restored onto an abstract state (no fresh one beside it in memory), else
   the initial state."""
-  if not checkpoints.steps(workdir):
+  if not checkpoint_manager.steps(workdir):
     run = setup_lib.setup(config)
     return run, run.state, None, False
   run = setup_lib.setup(config, initialise=False)
-  manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
-  restored = checkpoints.restore_latest(manager, run.state)
+  manager = checkpoint_manager.make_manager(workdir, config.keep_checkpoints)
+  restored = checkpoint_manager.restore_latest(manager, run.state)
   if restored is None:  # Every checkpoint was unreadable (and set aside): start afresh.
     return run, run.make_state(), manager, False
   return run, restored, manager, True
@@ -86,14 +86,14 @@ def check_finite(host_metrics: list, first_step: int, watched: list, manager: An
     raise DivergedError(
         f'Non-finite {bad[1]} ({bad[2]}) at step {bad[0]}; stopped without saving it. '
         f'Last good checkpoint: step {manager.latest_step()} in '
-        f'{checkpoints.checkpoint_dir(workdir)}.')
+        f'{checkpoint_manager.checkpoint_dir(workdir)}.')
 
 
 def run_evaluators(evals: list, params: Any, step_index: int, last: bool, writer: Any,
-                   summary: dict, force: bool = False) -> None:
-  """Runs the evaluators due at `step_index` (all of them with `force`)."""
+                   summary: dict) -> None:
+  """Runs the evaluators due at `step_index`; writes and logs their numbers."""
   for evaluator in evals:
-    if force or evaluator.due(step_index, last):
+    if evaluator.due(step_index, last):
       results = evaluator.run(params)
       scalars = metrics.scalars(results)
       if scalars:
@@ -118,6 +118,7 @@ def train_and_evaluate(config: Any, workdir: str,
   peak_tflops = utilisation.log_start(config)
   builder = builder or local.ensure_prepared(config.dataset, config.data_dir)
   local.check_num_classes(builder, config.num_classes)
+  local.check_splits(builder, (config.train_split, config.test_split))
 
   run, state, manager, resumed = restore_or_initialise(config, workdir)
   start_step = int(state.step)
@@ -127,7 +128,7 @@ def train_and_evaluate(config: Any, workdir: str,
   # Only now, with every check passed and the weights known to fit, does the run
   # create its workdir and add files to it.
   workdir_lib.make_workdir(workdir)
-  manager = manager or checkpoints.make_manager(workdir, config.keep_checkpoints)
+  manager = manager or checkpoint_manager.make_manager(workdir, config.keep_checkpoints)
   if is_main:
     model_config.write_run_config(workdir, config)
   if init_report and is_main:
@@ -145,7 +146,7 @@ def train_and_evaluate(config: Any, workdir: str,
   evals = evaluators.from_config(config, evaluators.Context(
       config, run.model, run.mesh, run.state_sharding.params, builder, workdir))
   for evaluator in evals:
-    if evaluator.every or start_step >= config.total_steps:
+    if evaluator.every:
       evaluator.prepare()
   data_sharding = sharding.batch_sharding(run.mesh)
   train_iter = utilisation.InputTimer(sharding.prefetch_to_device(input_pipeline.train_batches(
@@ -193,16 +194,16 @@ def train_and_evaluate(config: Any, workdir: str,
       t0 = time.perf_counter()  # Evaluation and checkpoints are not training time.
       run_evaluators(evals, state.params, step_index, last, writer, summary)
       if saving:
-        checkpoints.save(manager, step_index, state)
+        checkpoint_manager.save(manager, step_index, state)
       excluded += time.perf_counter() - t0
       if stopping:
         manager.wait_until_finished()
         writer.flush()
-        raise preemption.Preempted(step_index, stop.received,
-                                   checkpoints.checkpoint_dir(workdir))
+        raise Preempted(step_index, stop.received, checkpoint_manager.checkpoint_dir(workdir))
   if start_step >= config.total_steps:  # Resumed a finished run: report its result.
-    run_evaluators([e for e in evals if e.every], state.params, start_step, True, writer,
-                   summary, force=True)
+    for evaluator in evals:
+      if isinstance(evaluator, evaluators.classification.Evaluator):
+        summary.update(evaluator.run(state.params))
   manager.wait_until_finished()
   writer.flush()
   summary.update(step=int(state.step), gflops_per_image=gflops, params=counts['total'])

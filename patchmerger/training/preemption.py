@@ -4,8 +4,6 @@ from typing import Any, Sequence
 
 import jax
 
-from patchmerger.errors import Preempted  # Raised by the loop, caught by the entry points.
-
 
 class StopSignals:
   """Notes SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop.

@@ -125,9 +125,9 @@ def maybe_initialize_distributed(requested: Union[bool, str],
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                local_device_ids=local_device_ids())
-  except ValueError as e:  # Nothing described the cluster.
+  except (ValueError, RuntimeError) as e:  # No cluster described, or none answered.
     raise ClusterError(
-        f'config.distributed=True but no cluster was found ({e}). On one host use '
+        f'config.distributed=True but no cluster was found or joined ({e}). On one host use '
         "--config.distributed=auto (the default) or False; on a cluster pass "
         '--coordinator_address, --num_processes and --process_id (or set '
         'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID), or run under '
