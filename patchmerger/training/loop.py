@@ -90,17 +90,21 @@ def check_finite(host_metrics: list, first_step: int, watched: list, manager: An
 
 
 def run_evaluators(evals: list, params: Any, step_index: int, last: bool, writer: Any,
-                   summary: dict) -> None:
+                   summary: dict, manager: Any) -> None:
   """Runs the evaluators due at `step_index`; writes and logs their numbers."""
-  for evaluator in evals:
-    if evaluator.due(step_index, last):
-      results = evaluator.run(params)
-      scalars = metrics.scalars(results)
-      if scalars:
-        writer.write_scalars(step_index, scalars)
-        logging.info('step %d: %s', step_index, ', '.join(
-            f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in scalars.items()))
-      summary.update(results)
+  due = [evaluator for evaluator in evals if evaluator.due(step_index, last)]
+  if due:
+    # A save still in flight must finish first: with input work beside it, orbax 0.12.8
+    # was seen to finalise a step before writing its metadata (tests/test_evaluation.py).
+    manager.wait_until_finished()
+  for evaluator in due:
+    results = evaluator.run(params)
+    scalars = metrics.scalars(results)
+    if scalars:
+      writer.write_scalars(step_index, scalars)
+      logging.info('step %d: %s', step_index, ', '.join(
+          f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in scalars.items()))
+    summary.update(results)
 
 
 # --- The loop ---
@@ -192,7 +196,7 @@ def train_and_evaluate(config: Any, workdir: str,
         writer.write_scalars(step_index, means)
         summary.update(means)
       t0 = time.perf_counter()  # Evaluation and checkpoints are not training time.
-      run_evaluators(evals, state.params, step_index, last, writer, summary)
+      run_evaluators(evals, state.params, step_index, last, writer, summary, manager)
       if saving:
         checkpoint_manager.save(manager, step_index, state)
       excluded += time.perf_counter() - t0
