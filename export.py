@@ -4,8 +4,11 @@ r"""Exports the parameters of a run's checkpoint in a public layout.
   python export.py --workdir=W --to=big_vision    # W/export/big_vision.npz
   python export.py --workdir=W --to=transformers  # W/export/transformers/
 
-`transformers` writes a directory that `ViTForImageClassification.from_pretrained` opens;
-it takes plain class-token ViTs only (transformers has no token merging).
+`transformers` writes a directory that transformers opens: plain class-token ViTs as its
+stock `ViTForImageClassification`; PatchMergers, TokenLearner, pooling, GAP/MAP heads,
+pre-logits, sincos2d and conv stems with our own code, opened by
+`AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True)`. ToMe is
+refused. `--image_size=N` exports for another resolution.
 
 The export knows the run's model from WORKDIR/config.json, which train.py writes (for
 runs without one, pass the run's --config=configs/X.py:ARGS and overrides); it refuses
@@ -23,6 +26,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds checkp
 _TO = flags.DEFINE_enum('to', 'npz', ['npz', 'big_vision', 'transformers'], 'Output layout.')
 _OUT = flags.DEFINE_string('out', None, 'Output path; default: WORKDIR/export/<layout>.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Export for this resolution (default: '
+                                   'the run\'s); a learned position embedding is resized as '
+                                   'fine-tuning resizes it.')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The run\'s config, for runs without WORKDIR/config.json.')
 flags.mark_flags_as_required(['workdir'])
@@ -44,7 +50,7 @@ def main(argv):
           f'run\'s config, e.g. --config=configs/fashion_mnist.py:ARGS plus its overrides.')
     params = loading.load_orbax_params(_WORKDIR.value, _STEP.value)
     out = _OUT.value or os.path.join(_WORKDIR.value, 'export', DEFAULT_NAMES[_TO.value])
-    export.export(params, _TO.value, out, model_config=model)
+    export.export(params, _TO.value, out, model_config=model, image_size=_IMAGE_SIZE.value)
     print(f'Exported {len(params)} parameters ({_TO.value} layout) to {out}, with its '
           f'model config in {model_config.sidecar(out, _TO.value)}')
 

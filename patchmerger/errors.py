@@ -50,3 +50,7 @@ class UnknownKeyError(ConfigError, KeyError):
 
   def __str__(self) -> str:  # The message, not KeyError's quoted repr of it.
     return str(self.args[0]) if self.args else ''
+
+
+class MissingDependencyError(UserError, ImportError):
+  """An optional package (torch, transformers) that a requested feature needs."""

@@ -262,7 +262,7 @@ def test_refused_weights_leave_no_workdir(tmp_path):
     assert len(json.load(f)['missing']) > 0
 
 
-def test_export_command_writes_npz_and_refuses_transformers_for_a_merger_run(tmp_path):
+def test_export_command_writes_npz_and_a_transformers_directory_for_a_merger_run(tmp_path):
   import subprocess
   import sys
   from tests import test_cli
@@ -278,13 +278,18 @@ def test_export_command_writes_npz_and_refuses_transformers_for_a_merger_run(tmp
   assert layout.name == 'vision_transformer' and loaded.keys() == saved.keys()
   for key in saved:
     np.testing.assert_array_equal(loaded[key], saved[key])
-  refused = subprocess.run(command + ['--to=transformers'], cwd=test_cli.ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-  errors = test_cli.error_lines(refused.stderr)
-  assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-2000:]
-  assert errors[0].startswith('error: Cannot export to transformers: transformers\' ViT has no '
-                              'token merging, and this model has patchmerger_1')
-  assert not (tmp_path / 'export' / 'transformers').exists()
+  # A PatchMerger model goes to transformers with our own modeling code (tests/test_hf_export.py
+  # checks its logits); a resolution of the run's own is accepted too.
+  done = subprocess.run(command + ['--to=transformers', '--image_size=32'], cwd=test_cli.ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  directory = tmp_path / 'export' / 'transformers'
+  with open(directory / 'config.json') as f:
+    written = json.load(f)
+  assert written['auto_map']['AutoModelForImageClassification'].startswith(
+      'modeling_patchmerger_vit.') and written['mergers'] == [[1, 4]]
+  assert (directory / 'modeling_patchmerger_vit.py').exists()
+  assert (directory / 'patchmerger_model.json').exists()
   # Reading parameters names what is missing: a step, or a run directory.
   from patchmerger import errors as errors_lib
   with pytest.raises(errors_lib.CheckpointNotFoundError, match=r'No checkpoint at step 5 .*\[3\]'):
@@ -304,10 +309,7 @@ def _tiny_model_config(**model):
 
 
 @pytest.mark.parametrize('model, reason', [
-    (dict(merger={'num_tokens': 4, 'before_block': 1}, reducer={'kind': 'pool'}),
-     'pool before blocks 1'),                                   # No parameters to tell.
-    (dict(reducer={'kind': 'tome', 'r': 2}), r'ToMe merges \[2, 2\]'),
-    (dict(posemb='sincos2d'), 'sincos2d position embeddings'),
+    (dict(reducer={'kind': 'tome', 'r': 2}), r'ToMe merges \[2, 2\]'),  # No PyTorch code yet.
 ])
 def test_transformers_export_refuses_models_their_parameters_cannot_tell(model, reason,
                                                                           tmp_path):
@@ -365,3 +367,17 @@ def test_runs_record_their_config_and_a_changed_model_is_reported(tmp_path, capl
   assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-2000:]
   assert 'config.json does not exist: pass the run\'s config, e.g. --config=' in errors[0]
   assert not (tmp_path / 'up' / 'export').exists()
+
+
+def test_transformers_export_without_torch_names_the_install(tmp_path, monkeypatch):
+  import sys
+  from patchmerger import cli, errors
+  monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` raises ImportError.
+  params = _init(_model(patch_size=8, width=16, depth=2, mlp_dim=32, num_heads=2))
+  run = lambda: export.export(params, 'transformers', str(tmp_path / 'hf'),
+                              model_config=_tiny_model_config())
+  with pytest.raises(errors.MissingDependencyError, match='needs torch and transformers'):
+    run()
+  with pytest.raises(SystemExit) as exit_info:  # One line at the command line.
+    cli.run_reporting_errors(run)
+  assert exit_info.value.code == 2 and not (tmp_path / 'hf').exists()

@@ -74,6 +74,20 @@ def test_image_folder_fine_tunes_from_one_of_our_runs(upstream_run, tmp_path):
   builder = local.ensure_prepared(config.dataset, config.data_dir)
   summary = loop.train_and_evaluate(config, str(tmp_path / 'run'), builder)
   assert summary['step'] == 2 and summary['test/examples'] == 12
+  # The fine-tuned PatchMerger model in PyTorch: exported, opened by a Python that imports
+  # nothing of this repository, it gives our logits in float32 (the run computed in bfloat16).
+  pytest.importorskip('transformers')
+  from patchmerger.checkpoints import export, loading
+  from patchmerger.models import build_model
+  from tests import test_hf_export
+  params = loading.load_orbax_params(str(tmp_path / 'run'))
+  export.export(params, 'transformers', str(tmp_path / 'hf'), model_config=config.model)
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  float32 = config.model.to_dict() | {'dtype': 'float32'}
+  ours = np.asarray(build_model(float32, 3).apply({'params': loading.unflatten(params)}, images))
+  theirs = test_hf_export.logits_in_clean_process(tmp_path / 'hf', images)
+  assert np.abs(ours).max() > 0 and theirs.shape == ours.shape == (2, 3)
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
 def test_folder_with_another_class_count_fails_with_one_line_and_keeps_the_workdir(

@@ -2,9 +2,12 @@
 
 - `npz`: google-research/vision_transformer's layout (ours), one array per parameter;
 - `big_vision`: big_vision's stacked (scan) layout, loadable by its `vit.load`;
-- `transformers`: a directory that `ViTForImageClassification.from_pretrained` opens
-  (plain class-token ViTs only; needs torch and transformers).
-Each reloads through `loading.load` to identical logits. Given the model config of the
+- `transformers`: a directory that transformers opens (needs torch and transformers):
+  plain class-token ViTs as its stock `ViTForImageClassification`; given the model config,
+  PatchMergers, TokenLearner, pooling, GAP/MAP heads, pre-logits, sincos2d and conv stems
+  with our own code (hf_export.py, opened with `trust_remote_code=True`; ToMe is refused).
+The npz layouts reload through `loading.load` to identical logits, the transformers
+directories give them within 1e-4 (tests/test_hf_export.py). Given the model config of the
 run, `export` refuses what the layout cannot compute and writes the config beside the
 weights (model_config.py).
 """
@@ -13,8 +16,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from etils import epath
 
-from patchmerger.checkpoints import layouts, loading, model_config as model_config_lib
-from patchmerger.errors import CheckpointError, ConfigError
+from patchmerger.checkpoints import (hf_export, layouts, loading,
+                                     model_config as model_config_lib)
+from patchmerger.errors import CheckpointError, ConfigError, MissingDependencyError
 
 FORMATS = ('npz', 'big_vision', 'transformers')
 
@@ -49,27 +53,69 @@ def transformers_model(params: Any):
   import torch
   from transformers import ViTConfig, ViTForImageClassification
   model = ViTForImageClassification(ViTConfig(**layouts.transformers_config(flat)))
-  state = {k: torch.from_numpy(v) for k, v in layouts.to_transformers(flat).items()}
+  state = {k: torch.from_numpy(np.array(v))  # A writable copy.
+           for k, v in layouts.to_transformers(flat).items()}
   model.load_state_dict(state, strict=True)
   return model.eval()
 
 
-def export_transformers(params: Any, directory: str) -> None:
-  """A transformers model directory (config.json + weights) holding `params`."""
-  transformers_model(params).save_pretrained(directory)
+def require_torch() -> None:
+  """One line naming the install when torch or transformers is missing (they are not in
+  the training requirements)."""
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  except ImportError as e:
+    raise MissingDependencyError(
+        f'--to=transformers needs torch and transformers ({e}): pip install torch '
+        'transformers, or the tested pins with pip install -r requirements-dev.txt.') from None
 
 
-def export(params: Any, fmt: str, out: str, model_config: Optional[Any] = None) -> None:
-  """Writes `params` in layout `fmt` at `out`; with the run's `model_config`, first
-  refuses what the layout cannot compute, then writes the config beside the weights."""
+def resized(flat: Mapping[str, np.ndarray], model_config: Any,
+            image_size: int) -> dict[str, np.ndarray]:
+  """`flat` for images of `image_size`: a learned position embedding resized as
+  fine-tuning resizes it (`loading.resize_posemb`); sincos2d ones need nothing."""
+  arch = model_config_lib.architecture(model_config)
+  if image_size % arch['patch_size']:
+    raise ConfigError(f'--image_size {image_size} is not a multiple of the patch size '
+                      f'{arch["patch_size"]}.')
+  if layouts.POSEMB not in flat:
+    return dict(flat)
+  has_cls = arch['classifier'] == 'token'
+  grid = image_size // arch['patch_size']
+  return dict(flat) | {layouts.POSEMB: loading.resize_posemb(
+      flat[layouts.POSEMB], grid * grid + has_cls, has_cls)}
+
+
+def export_transformers(params: Any, directory: str, model_config: Optional[Any] = None) -> None:
+  """A transformers model directory holding `params`: transformers' stock ViT when it can
+  compute the model, else (which needs the run's `model_config`) our own code."""
+  require_torch()
+  flat = _canonical(params)
+  if model_config is not None and hf_export.needs_own_code(flat, model_config):
+    hf_export.export(flat, model_config, directory)
+    return
+  refusal = layouts.transformers_refusal(flat)
+  if refusal:  # Without the model config, the weights cannot tell how it computes.
+    raise CheckpointError(f'Cannot export to transformers: {refusal} (Given the run\'s model '
+                          'config, export() writes it with its own modeling code.)')
+  transformers_model(flat).save_pretrained(directory)
+
+
+def export(params: Any, fmt: str, out: str, model_config: Optional[Any] = None,
+           image_size: Optional[int] = None) -> None:
+  """Writes `params` in layout `fmt` at `out` (refusing, before writing anything, what the
+  layout cannot compute); with the run's `model_config`, writes it beside the weights.
+  `image_size` (needs the model config) exports for another resolution."""
   if fmt not in FORMATS:
     raise ConfigError(f'--to must be one of {", ".join(FORMATS)}, got {fmt!r}')
-  if model_config is not None and fmt == 'transformers':
-    refusal = (layouts.transformers_refusal(_canonical(params))
-               or model_config_lib.transformers_refusal(model_config))
-    if refusal:
-      raise CheckpointError(f'Cannot export to transformers: {refusal}')
-  {'npz': export_npz, 'big_vision': export_big_vision,
-   'transformers': export_transformers}[fmt](params, out)
+  if image_size:
+    if model_config is None:
+      raise ConfigError('Exporting for another image size needs the run\'s model config.')
+    params = resized(_canonical(params), model_config, image_size)
+  if fmt == 'transformers':
+    export_transformers(params, out, model_config)
+  else:
+    {'npz': export_npz, 'big_vision': export_big_vision}[fmt](params, out)
   if model_config is not None:
     model_config_lib.write_beside(out, fmt, model_config)
