@@ -5,10 +5,10 @@ r"""Exports the parameters of a run's checkpoint in a public layout.
   python export.py --workdir=W --to=transformers  # W/export/transformers/
 
 `transformers` writes a directory that transformers opens: plain class-token ViTs as its
-stock `ViTForImageClassification`; PatchMergers, TokenLearner, pooling, GAP/MAP heads,
+stock `ViTForImageClassification`; PatchMergers, TokenLearner, pooling, ToMe, GAP/MAP heads,
 pre-logits, sincos2d and conv stems with our own code, opened by
-`AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True)`. ToMe is
-refused. `--image_size=N` exports for another resolution.
+`AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True)`.
+`--image_size=N` exports for another resolution.
 
 The export knows the run's model from WORKDIR/config.json, which train.py writes (for
 runs without one, pass the run's --config=configs/X.py:ARGS and overrides); it refuses

@@ -308,17 +308,19 @@ def _tiny_model_config(**model):
   return config.model
 
 
-@pytest.mark.parametrize('model, reason', [
-    (dict(reducer={'kind': 'tome', 'r': 2}), r'ToMe merges \[2, 2\]'),  # No PyTorch code yet.
-])
-def test_transformers_export_refuses_models_their_parameters_cannot_tell(model, reason,
-                                                                          tmp_path):
-  config = _tiny_model_config(**model)
+def test_transformers_export_writes_tome_models_with_their_schedule(tmp_path):
+  """ToMe has no parameters: only the model config tells the merges, and the export keeps
+  them (its logits: tests/test_hf_export.py)."""
+  pytest.importorskip('transformers')
+  config = _tiny_model_config(reducer={'kind': 'tome', 'r': 2})
   params = _init(_model(patch_size=8, width=16, depth=2, mlp_dim=32, num_heads=2,
                         posemb=config.posemb), size=32)
-  with pytest.raises(ValueError, match=f'Cannot export to transformers: .*{reason}'):
-    export.export(params, 'transformers', str(tmp_path / 'hf'), model_config=config)
-  assert not (tmp_path / 'hf').exists()
+  export.export(params, 'transformers', str(tmp_path / 'hf'), model_config=config)
+  with open(tmp_path / 'hf' / 'config.json') as f:
+    written = json.load(f)
+  assert written['reducer'] == 'tome' and written['tome_r'] == [2, 2]
+  assert written['tome_proportional_attention'] is True
+  assert 'auto_map' in written  # Our code, not the stock ViT, which cannot merge.
 
 
 @pytest.mark.parametrize('fmt, out, beside', [

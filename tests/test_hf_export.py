@@ -1,18 +1,19 @@
 """`--to=transformers` with our own modeling code: PatchMergers, GAP/MAP heads, pre-logits,
 sincos2d and conv stems open with `AutoModelForImageClassification.from_pretrained(DIR,
 trust_remote_code=True)` in a Python that imports no patchmerger, to the JAX logits and
-merge weights; so do TokenLearner and pooling in the merger slots."""
+merge weights; so do TokenLearner and pooling in the merger slots, and ToMe in the blocks."""
 import json
 import os
+import pickle
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
 
-from patchmerger.checkpoints import export, hf_export, loading
-from patchmerger.errors import CheckpointError
+from patchmerger.checkpoints import export, hf_export, layouts, loading
 from patchmerger.models import build_model
 from tests import tiny
 
@@ -47,10 +48,27 @@ CASES = {
                                     {'num_tokens': 2, 'before_block': 2}]),
     'pool_before_0_sincos2d': dict(merger={'num_tokens': 8, 'before_block': 0}, classifier='gap',
                                    posemb='sincos2d', reducer={'kind': 'pool'}),
+    # ToMe: 16 patches (+ the class token), merging inside each of 3 blocks; no merge weights.
+    'tome_token': dict(depth=3, merger=None, classifier='token', reducer={'kind': 'tome', 'r': 2}),
+    'tome_gap': dict(depth=3, merger=None, classifier='gap', reducer={'kind': 'tome', 'r': 2}),
+    'tome_gap_size_weighted': dict(depth=3, merger=None, classifier='gap',
+                                   reducer={'kind': 'tome', 'r': 2, 'size_weighted_gap': True}),
+    'tome_no_proportional': dict(depth=3, merger=None, classifier='token',
+                                 reducer={'kind': 'tome', 'r': 2,
+                                          'proportional_attention': False}),
+    'tome_schedule_list': dict(depth=3, merger=None, classifier='gap',
+                               reducer={'kind': 'tome', 'r': [0, 3, 2]}),
+    # More merges than A holds: capped at (N - has_cls) // 2, 17 -> 9 -> 5 -> 3 tokens.
+    'tome_token_capped': dict(depth=3, merger=None, classifier='token',
+                              reducer={'kind': 'tome', 'r': [8, 8, 8]}),
+    # The decreasing schedule [6, 3, 0] under a MAP head with pre-logits.
+    'tome_map_inflection': dict(depth=3, merger=None, classifier='map', representation_size=8,
+                                reducer={'kind': 'tome', 'r': 3, 'inflection': -1.}),
 }
 # Exported with --image_size: (case, image size); 32px models at 48px (a 6 x 6 patch grid).
-RESIZED = {'merger_gap_48': ('merger_gap', 48), 'merger_token_prelogits_48':
-           ('merger_token_prelogits', 48), 'pool_token_48': ('pool_token', 48)}
+RESIZED = {f'{case}_48': (case, 48) for case in (  # Each kind once: heads, stems, reducers.
+    'merger_gap', 'merger_before_0_map', 'sincos2d_token', 'conv_stem_gap', 'tokenlearner_token',
+    'two_pools_token', 'tome_token')}
 # Loads every export in a Python that cannot import this repository, and checks it did not.
 LOADER = """
 import os, sys, numpy as np, torch
@@ -93,17 +111,37 @@ def _model_config(**overrides) -> dict:
 
 def _random_params(model, images):
   """Random values everywhere (init leaves heads, biases and the class token at zero)."""
-  params = model.init(jax.random.key(0), images[:1])['params']
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1])['params']  # No compute.
+  shapes = flax.traverse_util.flatten_dict(shapes, sep='/')
   rng = np.random.default_rng(1)
   return {k: (1 + 0.1 * rng.standard_normal(v.shape) if k.endswith('scale')
               else 0.3 * rng.standard_normal(v.shape)).astype(np.float32)
-          for k, v in loading.flatten(params).items()}
+          for k, v in shapes.items()}
+
+
+def _apply(model, params, images):
+  """Logits and intermediates, jitted: compiling is quicker than running op by op."""
+  return jax.jit(lambda p, x: model.apply({'params': p}, x, mutable=['intermediates']))(
+      params, images)
 
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
-  """{case: (jax logits, jax merge weights, torch logits, torch merge weights)}."""
-  root = tmp_path_factory.mktemp('hf')
+  """{case: (jax logits, jax merge weights, torch logits, torch merge weights)}, built once
+  per session: under pytest-xdist the first worker builds it, the others read its results."""
+  if 'PYTEST_XDIST_WORKER' not in os.environ:
+    return _export_all(tmp_path_factory.mktemp('hf'))
+  from filelock import FileLock  # Comes with transformers.
+  root = tmp_path_factory.getbasetemp().parent / 'hf_export'  # Shared by this session's workers.
+  with FileLock(f'{root}.lock'):
+    if not (root / 'results.pkl').exists():
+      root.mkdir()
+      results = _export_all(root)
+      (root / 'results.pkl').write_bytes(pickle.dumps(results))
+    return pickle.loads((root / 'results.pkl').read_bytes())
+
+
+def _export_all(root) -> dict:
   images = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
   np.save(root / 'images.npy', images)
   ours = {}
@@ -111,8 +149,7 @@ def exported(tmp_path_factory):
     config = _model_config(**overrides)
     model = build_model(config, num_classes=5)
     flat = _random_params(model, images)
-    logits, state = model.apply({'params': loading.unflatten(flat)}, images,
-                                mutable=['intermediates'])
+    logits, state = _apply(model, loading.unflatten(flat), images)
     merges = [np.asarray(state['intermediates']['Transformer'][f'{model.reducer}_{b}']
                          ['merge_weights'][0]) for b, _ in model.mergers]
     ours[name] = np.asarray(logits), merges
@@ -124,9 +161,11 @@ def exported(tmp_path_factory):
     big = np.random.default_rng(2).standard_normal((2, size, size, 3)).astype(np.float32)
     np.save(root / f'{name}.images.npy', big)
     # Our model at that size, its position embedding resized as fine-tuning resizes it.
-    init = model.init(jax.random.key(0), big[:1])['params']
-    params, _ = loading.adapt(flat, init, has_cls=model.classifier == 'token')
-    logits, state = model.apply({'params': params}, big, mutable=['intermediates'])
+    init = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), jax.eval_shape(
+        model.init, jax.random.key(0), big[:1])['params'])
+    params, _ = loading.adapt(layouts.unstack_runs(flat), init,  # As loading reads a run.
+                              has_cls=model.classifier == 'token')
+    logits, state = _apply(model, params, big)
     merges = [np.asarray(state['intermediates']['Transformer'][f'{model.reducer}_{b}']
                          ['merge_weights'][0]) for b, _ in model.mergers]
     ours[name] = np.asarray(logits), merges
@@ -187,14 +226,16 @@ def test_the_config_names_the_reducer(kind, exported):
     assert json.load(f)['reducer'] == kind
 
 
-@pytest.mark.parametrize('overrides, reason', [
-    (dict(merger=None, reducer={'kind': 'tome', 'r': 2}), r'ToMe merges \[2, 2\] have no'),
-])
-def test_reducers_without_pytorch_code_are_refused_in_one_line(overrides, reason, tmp_path):
-  config = _model_config(**overrides)
-  model = build_model(config, num_classes=5)
-  flat = _random_params(model, np.zeros((1, 32, 32, 3), np.float32))
-  with pytest.raises(CheckpointError, match=f'^Cannot export to transformers: {reason}') as e:
-    export.export(flat, 'transformers', str(tmp_path / 'hf'), model_config=config)
-  assert '\n' not in str(e.value)
-  assert not (tmp_path / 'hf').exists()
+@pytest.mark.parametrize('name, tome_r, proportional, size_weighted', [
+    ('tome_token', [2, 2, 2], True, False), ('tome_schedule_list', [0, 3, 2], True, False),
+    ('tome_no_proportional', [2, 2, 2], False, False),
+    ('tome_gap_size_weighted', [2, 2, 2], True, True)])
+def test_the_config_holds_the_tome_schedule(name, tome_r, proportional, size_weighted,
+                                            exported):
+  directory = exported['_root'] / name
+  with open(directory / 'config.json') as f:
+    config = json.load(f)
+  assert config['reducer'] == 'tome' and config['tome_r'] == tome_r and config['mergers'] == []
+  assert config['tome_proportional_attention'] is proportional
+  assert config['tome_size_weighted_gap'] is size_weighted
+  assert hf_export.TOME_FILE in os.listdir(directory)

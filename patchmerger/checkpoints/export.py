@@ -4,8 +4,8 @@
 - `big_vision`: big_vision's stacked (scan) layout, loadable by its `vit.load`;
 - `transformers`: a directory that transformers opens (needs torch and transformers):
   plain class-token ViTs as its stock `ViTForImageClassification`; given the model config,
-  PatchMergers, TokenLearner, pooling, GAP/MAP heads, pre-logits, sincos2d and conv stems
-  with our own code (hf_export.py, opened with `trust_remote_code=True`; ToMe is refused).
+  PatchMergers, TokenLearner, pooling, ToMe, GAP/MAP heads, pre-logits, sincos2d and conv
+  stems with our own code (hf_export.py, opened with `trust_remote_code=True`).
 The npz layouts reload through `loading.load` to identical logits, the transformers
 directories give them within 1e-4 (tests/test_hf_export.py). Given the model config of the
 run, `export` refuses what the layout cannot compute and writes the config beside the

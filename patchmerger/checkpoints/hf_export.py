@@ -1,7 +1,7 @@
 """`--to=transformers` for the models transformers' stock ViT cannot compute (PatchMergers,
-TokenLearners or pooling between blocks, GAP and MAP heads, pre-logits, sincos2d position
-embeddings, convolution stems): a directory with our own configuration, modeling and reducer
-code (hf_remote/, plain PyTorch), opened by
+TokenLearners or pooling between blocks, ToMe inside them, GAP and MAP heads, pre-logits,
+sincos2d position embeddings, convolution stems): a directory with our own configuration,
+modeling, reducer and ToMe code (hf_remote/, plain PyTorch), opened by
 `AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True)` without this
 package. Parameters keep our names ('/' -> '.') and layouts, so the export is a renaming.
 """
@@ -19,7 +19,8 @@ REMOTE_CODE = epath.Path(__file__).parent / 'hf_remote'
 CONFIG_FILE = 'configuration_patchmerger_vit.py'
 MODELING_FILE = 'modeling_patchmerger_vit.py'
 REDUCERS_FILE = 'reducers_patchmerger_vit.py'  # Imported relatively by MODELING_FILE.
-CODE_FILES = (CONFIG_FILE, MODELING_FILE, REDUCERS_FILE)
+TOME_FILE = 'tome_patchmerger_vit.py'  # Likewise.
+CODE_FILES = (CONFIG_FILE, MODELING_FILE, REDUCERS_FILE, TOME_FILE)
 AUTO_MAP = {'AutoConfig': 'configuration_patchmerger_vit.PatchMergerViTConfig',
             'AutoModelForImageClassification':
                 'modeling_patchmerger_vit.PatchMergerViTForImageClassification'}
@@ -31,15 +32,6 @@ def needs_own_code(flat: Mapping[str, np.ndarray], model_config: Any) -> bool:
               or model_config_lib.transformers_refusal(model_config))
 
 
-def refusal(arch: Mapping[str, Any]) -> str:
-  """Why our PyTorch code cannot compute the model of `arch` (model_config.architecture);
-  '' when it can."""
-  if any(arch['tome_r']):
-    return (f'ToMe merges {arch["tome_r"]} have no PyTorch implementation here yet; export it '
-            'with --to=npz or --to=big_vision instead.')
-  return ''
-
-
 def config_fields(flat: Mapping[str, np.ndarray], arch: Mapping[str, Any]) -> dict:
   """PatchMergerViTConfig's fields: the architecture, plus what only the weights say (input
   channels, classes, the patch grid of a learned position embedding)."""
@@ -47,10 +39,12 @@ def config_fields(flat: Mapping[str, np.ndarray], arch: Mapping[str, Any]) -> di
   fields = {name: arch[name] for name in ('width', 'depth', 'mlp_dim', 'num_heads', 'patch_size',
                                           'classifier', 'posemb', 'conv_stem',
                                           'representation_size', 'merge_normalized',
-                                          'reducer')}
+                                          'reducer', 'tome_proportional_attention',
+                                          'tome_size_weighted_gap')}
   fields.update(num_channels=int(first_conv.shape[2]),
                 num_classes=int(flat['head/kernel'].shape[-1]),
-                mergers=[[int(b), int(m)] for b, m in arch['mergers']], layer_norm_eps=1e-6)
+                mergers=[[int(b), int(m)] for b, m in arch['mergers']], layer_norm_eps=1e-6,
+                tome_r=[int(r) for r in arch['tome_r']])
   if arch['posemb'] == 'learn':
     patches = flat[layouts.POSEMB].shape[1] - (arch['classifier'] == 'token')
     side = int(round(np.sqrt(patches)))
@@ -65,9 +59,6 @@ def export(flat: Mapping[str, np.ndarray], model_config: Any, directory: str) ->
   """Writes canonical `flat` parameters of the model `model_config` describes to `directory`:
   config.json (with `auto_map`), model.safetensors and the code files."""
   arch = model_config_lib.architecture(model_config)
-  reason = refusal(arch)
-  if reason:
-    raise CheckpointError(f'Cannot export to transformers: {reason}')
   import torch
   from patchmerger.checkpoints.hf_remote import configuration_patchmerger_vit as configuration
   from patchmerger.checkpoints.hf_remote import modeling_patchmerger_vit as modeling

@@ -12,7 +12,9 @@ class PatchMergerViTConfig(PretrainedConfig):
   """A ViT with optional token reducers between blocks (`reducer`: patchmerger, tokenlearner
   or pool, the JAX `model.reducer.kind`; `mergers`: [[before_block, num_tokens], ...]), a
   `token`, `gap` or `map` head, `learn` or `sincos2d` position embeddings, an optional
-  stride-2 convolution stem and an optional tanh pre-logits layer."""
+  stride-2 convolution stem and an optional tanh pre-logits layer. ToMe (`reducer` tome) merges
+  `tome_r[i]` tokens inside block i ([] or all zeros: no ToMe), optionally adding log(token
+  size) to the attention logits and taking a GAP head's mean over patches, not tokens."""
   model_type = 'patchmerger_vit'
 
   def __init__(self, width: int = 768, depth: int = 12, mlp_dim: int = 3072,
@@ -22,7 +24,9 @@ class PatchMergerViTConfig(PretrainedConfig):
                grid: Optional[Sequence[int]] = None, image_size: Optional[int] = None,
                conv_stem: Sequence[int] = (), representation_size: Optional[int] = None,
                merge_normalized: bool = True, layer_norm_eps: float = 1e-6,
-               reducer: str = 'patchmerger', **kwargs):
+               reducer: str = 'patchmerger', tome_r: Sequence[int] = (),
+               tome_proportional_attention: bool = True, tome_size_weighted_gap: bool = False,
+               **kwargs):
     self.width = width
     self.depth = depth
     self.mlp_dim = mlp_dim
@@ -41,5 +45,8 @@ class PatchMergerViTConfig(PretrainedConfig):
     self.merge_normalized = merge_normalized
     self.layer_norm_eps = layer_norm_eps  # Flax's LayerNorm default.
     self.reducer = reducer
+    self.tome_r = [int(r) for r in tome_r]  # Merges per block, as the JAX model's tome_r.
+    self.tome_proportional_attention = tome_proportional_attention
+    self.tome_size_weighted_gap = tome_size_weighted_gap
     kwargs.setdefault('num_labels', num_classes)
     super().__init__(**kwargs)

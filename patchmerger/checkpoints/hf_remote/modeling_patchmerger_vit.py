@@ -1,10 +1,10 @@
 """PyTorch twin of the patchmerger (JAX) ViT, for exports opened with
 `AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True)`.
 
-Self-contained: imports only torch, transformers and its two sibling files (the configuration
-and the reducers, copied into each export). Modules and parameters carry the JAX model's names
-and layouts (`Transformer.encoderblock_0.MultiHeadDotProductAttention_1.query.
-kernel` is `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel`, kernels
+Self-contained: imports only torch, transformers and its sibling files (the configuration,
+the reducers and ToMe, copied into each export). Modules and parameters carry the JAX model's
+names and layouts (`Transformer.encoderblock_0.MultiHeadDotProductAttention_1.query.kernel`
+is `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel`, kernels
 [in..., out...], convolutions HWIO), so the export is a renaming and each matmul runs in the
 JAX orientation; the logits match the JAX model's within float32 rounding.
 """
@@ -20,6 +20,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_patchmerger_vit import PatchMergerViTConfig
 from .reducers_patchmerger_vit import Dense, LayerNorm, between_blocks, gelu, grid_after
+from .tome_patchmerger_vit import bipartite_merge, proportional_bias
 
 
 class Conv(nn.Module):
@@ -56,7 +57,8 @@ class MlpBlock(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head dot-product attention of queries from `q` over `kv` (flax's layout)."""
+  """Multi-head dot-product attention of queries from `q` over `kv` (flax's layout); `bias`
+  broadcasts to the logits [batch, heads, queries, keys]."""
 
   def __init__(self, width: int, num_heads: int):
     super().__init__()
@@ -64,25 +66,39 @@ class Attention(nn.Module):
     self.query, self.key, self.value = (Dense((width,), heads) for _ in range(3))
     self.out = Dense(heads, (width,))
 
-  def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+  def forward(self, q: torch.Tensor, kv: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              return_keys: bool = False):
+    """The output, or (output, keys [b, n, heads, head_dim]) for ToMe's metric."""
     query, key, value = self.query(q), self.key(kv), self.value(kv)  # [b, n, heads, head_dim]
     logits = torch.einsum('bqhk,bthk->bhqt', query / math.sqrt(query.shape[-1]), key)
-    return self.out(torch.einsum('bhqt,bthk->bqhk', logits.softmax(dim=-1), value))
+    if bias is not None:
+      logits = logits + bias.to(logits.dtype)
+    out = self.out(torch.einsum('bhqt,bthk->bqhk', logits.softmax(dim=-1), value))
+    return (out, key) if return_keys else out
 
 
 class EncoderBlock(nn.Module):
+  """Pre-LayerNorm block; with ToMe (`tome_r` merges here) the tokens merge between attention
+  and MLP, and `sizes` [b, N, 1] (patches per token; None: all 1) bias the attention."""
 
-  def __init__(self, config: PatchMergerViTConfig):
+  def __init__(self, config: PatchMergerViTConfig, tome_r: int = 0):
     super().__init__()
+    self.tome_r, self.has_cls = tome_r, config.classifier == 'token'
+    self.proportional = config.tome_proportional_attention
     self.LayerNorm_0 = LayerNorm(config.width, config.layer_norm_eps)
     self.MultiHeadDotProductAttention_1 = Attention(config.width, config.num_heads)
     self.LayerNorm_2 = LayerNorm(config.width, config.layer_norm_eps)
     self.MlpBlock_3 = MlpBlock(config.width, config.mlp_dim)
 
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
+  def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     y = self.LayerNorm_0(x)
-    x = x + self.MultiHeadDotProductAttention_1(y, y)
-    return x + self.MlpBlock_3(self.LayerNorm_2(x))
+    bias = proportional_bias(sizes) if self.proportional else None
+    y, keys = self.MultiHeadDotProductAttention_1(y, y, bias, return_keys=True)
+    x = x + y
+    if self.tome_r:
+      x, sizes = bipartite_merge(x, keys, sizes, self.tome_r, self.has_cls)
+    return x + self.MlpBlock_3(self.LayerNorm_2(x)), sizes
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.) -> torch.Tensor:
@@ -118,8 +134,8 @@ class PositionEmbedding(nn.Module):
 
 class Encoder(nn.Module):
   """Position embedding, blocks with between-block reducers (`config.reducer`: patchmerger,
-  tokenlearner or pool) before some of them, final norm; the class token (if any) is carried
-  past each reducer."""
+  tokenlearner or pool) before some of them or ToMe inside them (`config.tome_r`), final norm;
+  the class token (if any) is carried past each reducer."""
 
   def __init__(self, config: PatchMergerViTConfig):
     super().__init__()
@@ -132,15 +148,18 @@ class Encoder(nn.Module):
       self.add_module(f'{self.reducer}_{before_block}',
                       between_blocks(self.reducer, config.width, num_tokens,
                                      config.merge_normalized, config.layer_norm_eps))
+    tome_r = list(config.tome_r or [0] * config.depth)
     for i in range(config.depth):
-      self.add_module(f'encoderblock_{i}', EncoderBlock(config))
+      self.add_module(f'encoderblock_{i}', EncoderBlock(config, tome_r[i]))
     self.encoder_norm = LayerNorm(config.width, config.layer_norm_eps)
     self.depth = config.depth
 
   def forward(self, x: torch.Tensor, grid: tuple[int, int],
-              has_cls: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+              has_cls: bool
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], Optional[torch.Tensor]]:
+    """(tokens, merge weights, sizes); sizes is None unless ToMe merged."""
     x = self.posembed_input(x, grid, has_cls)
-    merge_weights = []
+    merge_weights, sizes = [], None
     current: Optional[tuple[int, int]] = grid  # The patch tokens' layout (pool needs it).
     for i in range(self.depth):
       if i in self.mergers:
@@ -149,8 +168,8 @@ class Encoder(nn.Module):
         current = grid_after(self.reducer, self.mergers[i], current)
         x = torch.cat([x[:, :1], merged], dim=1) if has_cls else merged
         merge_weights.append(weights)
-      x = getattr(self, f'encoderblock_{i}')(x)
-    return self.encoder_norm(x), tuple(merge_weights)
+      x, sizes = getattr(self, f'encoderblock_{i}')(x, sizes)
+    return self.encoder_norm(x), tuple(merge_weights), sizes
 
 
 class MAPHead(nn.Module):
@@ -224,9 +243,12 @@ class PatchMergerViTForImageClassification(PreTrainedModel):
     has_cls = self.config.classifier == 'token'
     if has_cls:
       x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
-    x, merge_weights = self.Transformer(x, grid, has_cls)
+    x, merge_weights, sizes = self.Transformer(x, grid, has_cls)
     if self.config.classifier == 'token':
       x = x[:, 0]
+    elif (self.config.classifier == 'gap' and sizes is not None
+          and self.config.tome_size_weighted_gap):  # The mean over patches, not tokens.
+      x = (x * sizes.to(x.dtype)).sum(dim=1) / sizes.sum(dim=1).to(x.dtype)
     elif self.config.classifier == 'gap':
       x = x.mean(dim=1)
     else:
