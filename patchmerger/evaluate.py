@@ -18,10 +18,10 @@ def _is_file(source: Optional[str]) -> bool:
 
 
 def restore_params(run: setup_lib.Setup, workdir: str, step: Optional[int],
-                   source: Optional[str]) -> tuple[Any, int]:
-  """(params, step) of checkpoint `step` of `source or workdir`, or of a `.npz` source;
-  every model parameter must come from the checkpoint."""
-  if _is_file(source):
+                   source: Optional[str], from_file: bool) -> tuple[Any, int]:
+  """(params, step) of checkpoint `step` of `source or workdir`, or of a `.npz` source
+  (`from_file`); every model parameter must come from the checkpoint."""
+  if from_file:
     params, report = loading.load_and_adapt(source, sharding.to_host(run.state.params),
                                             has_cls=run.model.classifier == 'token')
     if report.new or report.reinitialised:
@@ -48,8 +48,9 @@ def evaluate_checkpoint(config: Any, workdir: str,
   builder = builder or local.ensure_prepared(config.dataset, config.data_dir)
   local.check_splits(builder, (config.train_split, config.test_split))
   # A checkpoint restores onto abstract shapes; a .npz is fitted onto initial ones.
-  run = setup_lib.setup(config, initialise=_is_file(source))
-  params, step = restore_params(run, workdir, step, source)
+  from_file = _is_file(source)
+  run = setup_lib.setup(config, initialise=from_file)
+  params, step = restore_params(run, workdir, step, source, from_file)
   context = evaluators.Context(config, run.model, run.mesh, run.state_sharding.params,
                                builder, workdir)
   results = {'step': step}

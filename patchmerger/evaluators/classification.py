@@ -34,9 +34,6 @@ class Evaluator(common.Evaluator):
   def split(self) -> str:
     return self.spec.get('split') or self.context.config.test_split
 
-  def prepare(self) -> None:
-    self.context.eval_data(self.split)
-
   def run(self, params: Any) -> dict:
     context = self.context
     return evaluate(context.eval_fn, params, context.eval_data(self.split),

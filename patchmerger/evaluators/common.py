@@ -57,10 +57,6 @@ class Evaluator(abc.ABC):
     self.name, self.spec, self.context = name, spec, context
     self.every = int(spec.get('every', 0))
 
-  def prepare(self) -> None:
-    """Called once before training: builds what every evaluation reuses (datasets), so
-    that no input work overlaps the loop's asynchronous checkpoint writes."""
-
   def due(self, step_index: int, last: bool) -> bool:
     return self.every > 0 and (step_index % self.every == 0 or last)
 

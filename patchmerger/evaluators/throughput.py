@@ -14,9 +14,6 @@ class Evaluator(common.Evaluator):
   compilation and the first batch left out. Spec: `every`, `batches`, `prefix`
   (default: the evaluator's name)."""
 
-  def prepare(self) -> None:
-    self.context.eval_data()
-
   def run(self, params: Any) -> dict:
     context = self.context
     data, num_batches = context.eval_data()

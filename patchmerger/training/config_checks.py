@@ -102,11 +102,11 @@ def check_ranges(config: Any) -> None:
   evaluator, missing)."""
   check_renamed(config)
   for name, spec in (config.get('evals') or {}).items():
-    for field in EVAL_REQUIRED.get(evaluators.kind_of(name, spec), ()):
+    kind = evaluators.kind_of(name, spec)
+    for field in EVAL_REQUIRED.get(kind, ()):
       if field not in spec:
-        raise ConfigError(f'config.evals.{name} needs a {field} field '
-                          f'({evaluators.kind_of(name, spec)} evaluators take '
-                          f'{", ".join(EVAL_REQUIRED[evaluators.kind_of(name, spec)])}).')
+        raise ConfigError(f'config.evals.{name} needs a {field} field ({kind} evaluators '
+                          f'take {", ".join(EVAL_REQUIRED[kind])}).')
   for path, (valid, expected) in ranges(config).items():
     present, value = _lookup(config, path)
     if not present or value is None:

@@ -149,9 +149,6 @@ def train_and_evaluate(config: Any, workdir: str,
   train_fn = compile_train_step(config, run)
   evals = evaluators.from_config(config, evaluators.Context(
       config, run.model, run.mesh, run.state_sharding.params, builder, workdir))
-  for evaluator in evals:
-    if evaluator.every:
-      evaluator.prepare()
   data_sharding = sharding.batch_sharding(run.mesh)
   train_iter = utilisation.InputTimer(sharding.prefetch_to_device(input_pipeline.train_batches(
       builder, config.train_split, config.input, config.batch_size, config.seed, start_step),
