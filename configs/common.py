@@ -47,6 +47,61 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(result)
 
 
+def parse_experts(spec: str) -> dict:
+  """'none' -> {kind: none}; 'KIND[:E[xK]][@WHERE]' -> the `model.moe` fields it sets.
+
+  KIND is sparse or soft; E the number of experts; K the experts per token (sparse)
+  or slots per expert (soft); WHERE the blocks: everyN (blocks N-1, 2N-1, ...),
+  lastN, or indices joined by '+'. E.g. sparse:8x2@every2, soft:16@last2, sparse:4x1@1+3.
+  """
+  text = spec.strip().lower()
+  if text in ('', 'none', 'off'):
+    return dict(kind='none')
+  head, _, where = text.partition('@')
+  kind, _, sizes = head.partition(':')
+  fields = dict(kind=kind)
+  try:
+    if kind not in ('sparse', 'soft'):
+      raise ValueError
+    if sizes:
+      experts, _, per = sizes.partition('x')
+      fields['num_experts'] = int(experts)
+      if per:
+        fields['num_selected_experts' if kind == 'sparse' else 'num_slots'] = int(per)
+    if where:
+      fields['layers'] = (tuple(int(b) for b in where.split('+'))
+                          if where[0].isdigit() else where)
+  except ValueError:
+    raise ValueError(f'Bad experts spec {spec!r}: expected none or KIND[:E[xK]][@WHERE] with '
+                     'KIND sparse or soft and WHERE everyN, lastN or BLOCK+BLOCK (e.g. '
+                     'sparse:8x2@every2, soft:16@last2).') from None
+  return fields
+
+
+def moe_config(spec: str = 'none') -> ml_collections.ConfigDict:
+  """The `model.moe` entry (patchmerger/models/experts.py). None: the kind's default,
+  after vmoe's configs (sparse: V-MoE paper; soft: Soft MoE paper)."""
+  typed = lambda kind: config_dict.placeholder(kind)
+  moe = ml_collections.ConfigDict(dict(
+      kind='none',                       # none | sparse | soft
+      layers=config_dict.FieldReference(None, field_type=object),  # indices, everyN,
+                                         # lastN, lasthalf (sparse: every2; soft: lasthalf)
+      num_experts=typed(int),            # sparse 32; soft 128
+      num_selected_experts=typed(int),   # sparse: top-k, 2
+      capacity_factor=typed(float),      # sparse 1.05; soft (num_slots=0 only) 1.0
+      eval_capacity_factor=typed(float),  # None: capacity_factor
+      batch_priority=typed(bool),        # sparse: False (training)
+      eval_batch_priority=typed(bool),   # None: batch_priority
+      group_images=typed(int),           # images per routing group: sparse 8, soft 1
+      noise_std=typed(float),            # sparse 1.0 (x 1/E, training only); soft 0.0
+      num_slots=typed(int),              # soft: slots per expert, 1 (0: from capacity)
+      importance_loss_weight=typed(float),  # sparse 0.005
+      load_loss_weight=typed(float),     # sparse 0.005
+  ))
+  moe.update(parse_experts(spec))
+  return moe
+
+
 def merger_config(spec: str) -> Any:
   """The `model.merger` entry: a ConfigDict for one merger (so that
   `--config.model.merger.num_tokens=16` works), a tuple for several, or None."""
@@ -99,7 +154,7 @@ def evals_config(every: int, fewshot: Optional[dict] = None) -> ml_collections.C
 
 
 def model_config(variant: str, merger: str, reducer: str = 'patchmerger',
-                 **fields: Any) -> ml_collections.ConfigDict:
+                 experts: str = 'none', **fields: Any) -> ml_collections.ConfigDict:
   """The `model` section. Sizes default to the variant's; set width, depth,
   mlp_dim or num_heads to override them (e.g. tiny widths in tests)."""
   return ml_collections.ConfigDict(dict(
@@ -110,6 +165,7 @@ def model_config(variant: str, merger: str, reducer: str = 'patchmerger',
       num_heads=config_dict.placeholder(int),
       merger=merger_config(merger),              # None: plain ViT
       reducer=reducer_config(reducer),           # what sits in the merger slots
+      moe=moe_config(experts),                   # experts in place of block MLPs
       classifier='token',                        # token | gap | map
       posemb='learn',                            # learn | sincos2d
       conv_stem=(),                              # channels of 3x3/2 convs

@@ -9,7 +9,8 @@ r"""The embedded default: a small ViT + PatchMerger on real Fashion-MNIST, CPU.
 
 Arg string keys: variant (NAME/PATCH; sizes below override the name's), merger
 (M, M@BLOCK, M@B+M@B or none), reducer (patchmerger, tokenlearner, pool, tome or
-none; what sits in the merger slots), steps.
+none; what sits in the merger slots), experts (none, sparse:ExK@WHERE or
+soft:E[xSLOTS]@WHERE; see configs/common.parse_experts), steps.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -21,7 +22,7 @@ MERGER = '8@1'  # The default merger (M@BLOCK); configs that load these models r
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, variant='Ti/8', merger=MERGER, reducer='patchmerger',
-                        steps=2600)
+                         experts='none', steps=2600)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
@@ -48,7 +49,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   # this stem with depth 4 reached 90.8% where the (16, 32) stem with depth 6
   # reached 89.6% (docs/results.md, section 6).
   config.model = common.model_config(
-      arg.variant, arg.merger, arg.reducer, width=128, depth=4, mlp_dim=256, num_heads=4,
+      arg.variant, arg.merger, arg.reducer, arg.experts, width=128, depth=4, mlp_dim=256,
+      num_heads=4,
       classifier='gap', conv_stem=(32, 64, 128))
 
   # Optimisation.
@@ -75,7 +77,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
   config.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1,                 # device axes; -1: all remaining devices
+      data=-1, fsdp=1, expert=1,       # device axes; -1: all remaining devices
       fsdp_min_size=2 ** 12))          # smaller arrays stay replicated under fsdp
   config.distributed = 'auto'          # True | False | auto: only when a cluster is detected
   return config

@@ -21,9 +21,10 @@ MERGER = fashion_mnist.MERGER  # The upstream model's merger, so its weights fit
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, variant='Ti/8', merger=MERGER, reducer='patchmerger',
-                          steps=300)
+                         experts='none', steps=300)
   # The upstream config (fresh, so it can be edited), with the downstream data and schedule.
-  config = fashion_mnist.get_config(f'variant={arg.variant},merger={arg.merger},reducer={arg.reducer}')
+  config = fashion_mnist.get_config(f'variant={arg.variant},merger={arg.merger},'
+                                    f'reducer={arg.reducer},experts={arg.experts}')
   config.dataset = 'digits'
   config.init_dont_load = ('head/.*',)   # A new task: a fresh (zero) head, as ViT does.
   config.num_classes = 10

@@ -20,9 +20,10 @@ from configs import common, transfer
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, path='images', num_classes=2, variant='B/16', merger='8',
-                         reducer='patchmerger', res=224, steps=500, batch=64)
+                         reducer='patchmerger', experts='none', res=224, steps=500, batch=64)
   config = transfer.get_config(f'dataset=oxford_iiit_pet,variant={arg.variant},'
-                               f'merger={arg.merger},reducer={arg.reducer},res={arg.res},'
+                               f'merger={arg.merger},reducer={arg.reducer},experts={arg.experts},'
+                               f'res={arg.res},'
                                f'steps={arg.steps}')
   config.dataset = f'folder:{arg.path}'
   config.train_split = 'train'

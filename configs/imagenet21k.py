@@ -16,7 +16,8 @@ from patchmerger.models.vit import parse_variant
 
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
-  arg = common.parse_arg(arg, variant='B/16', merger='8', reducer='patchmerger', epochs=90)
+  arg = common.parse_arg(arg, variant='B/16', merger='8', reducer='patchmerger',
+                         experts='none', epochs=90)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
@@ -36,7 +37,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       num_shards=0))                   # data shards (0: one per process); fix it to
                                        # keep the data order when the host count changes
 
-  config.model = common.model_config(arg.variant, arg.merger, arg.reducer,
+  config.model = common.model_config(arg.variant, arg.merger, arg.reducer, arg.experts,
                                      classifier='token',
                                      representation_size=parse_variant(arg.variant)['width'],
                                      dtype='bfloat16')  # bf16 compute, f32 params
@@ -64,7 +65,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1,                 # device axes; -1: all remaining devices
+      data=-1, fsdp=1, expert=1,       # device axes; -1: all remaining devices
       fsdp_min_size=2 ** 12))          # smaller arrays stay replicated under fsdp
   config.distributed = 'auto'          # True | False | auto: only when a cluster is detected
   return config

@@ -33,7 +33,7 @@ DATASETS = {
 
 def get_config(arg: str = None) -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, dataset='cifar10', variant='B/16', merger='8',
-                         reducer='patchmerger', res=384, steps=0)
+                         reducer='patchmerger', experts='none', res=384, steps=0)
   if arg.dataset not in DATASETS:
     raise ValueError(f'Unknown transfer dataset {arg.dataset!r}; this config takes '
                      f'{", ".join(DATASETS)}.')
@@ -56,7 +56,8 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       data_threads=0,                  # 0: tf.data autotunes its threads
       num_shards=0))                   # data shards (0: one per process)
 
-  config.model = common.model_config(arg.variant, arg.merger, arg.reducer, classifier='token',
+  config.model = common.model_config(arg.variant, arg.merger, arg.reducer, arg.experts,
+                                     classifier='token',
                                      dtype='bfloat16')  # bf16 compute, f32 params
 
   config.batch_size = 512
@@ -82,6 +83,6 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
       fewshot=common.fewshot_config(pool_examples=10_000, test_examples=10_000))
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 12))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, fsdp_min_size=2 ** 12))
   config.distributed = 'auto'          # True | False | auto: only when a cluster is detected
   return config

@@ -67,7 +67,10 @@ def forward_flops(model: VisionTransformer, image_shape: tuple[int, ...],
 
 def measured_gflops(model: VisionTransformer, image_shape: tuple[int, int, int],
                     batch_size: int = 1) -> float:
-  """GFLOPs per image of the forward pass (`forward_flops`)."""
+  """GFLOPs per image of the forward pass (`forward_flops`). With experts, on at least
+  one routing group of images: expert buffers are sized per group."""
+  if getattr(model, 'moe', None) is not None:
+    batch_size = max(batch_size, model.moe.group_images)
   return forward_flops(model, image_shape, batch_size) / batch_size / 1e9
 
 

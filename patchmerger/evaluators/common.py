@@ -44,8 +44,9 @@ class Context:
   @functools.cached_property
   def eval_fn(self) -> Any:
     """The jitted eval step (per-batch sums), compiled once for every evaluator."""
-    return jax.jit(functools.partial(step.eval_step, apply_fn=self.model.apply,
-                                     loss=self.config.loss),
+    return jax.jit(sharding.under_mesh(functools.partial(
+                       step.eval_step, apply_fn=self.model.apply, loss=self.config.loss),
+                       self.data_sharding.mesh),
                    in_shardings=(self.params_sharding, self.data_sharding))
 
 

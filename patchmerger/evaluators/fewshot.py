@@ -63,7 +63,8 @@ def features_fn(model: Any, params_sharding: Any, data_sharding: Any) -> Callabl
   def features(params, batch):
     _, state = model.apply({'params': params}, batch['image'], mutable=['intermediates'])
     return state['intermediates']['features'][0], batch['label'], batch['mask']
-  return jax.jit(features, in_shardings=(params_sharding, data_sharding))
+  return jax.jit(sharding.under_mesh(features, data_sharding.mesh),
+                 in_shardings=(params_sharding, data_sharding))
 
 
 def _features(fn, params, builder, split: str, input_config, batch_size: int, data_sharding):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from patchmerger.errors import ConfigError
-from patchmerger.models import attention as attention_lib, reducers, tome
+from patchmerger.models import attention as attention_lib, experts, reducers, tome
 from patchmerger.models.patch_merger import PatchMerger
 from patchmerger.models.vit import VisionTransformer, parse_variant
 
@@ -78,6 +78,7 @@ def build_model(model_config: Mapping[str, Any], num_classes: int) -> VisionTran
       attention_dropout_rate=model_config.get('attention_dropout_rate', 0.),
       merge_normalized=model_config.get('merge_normalized', True),
       dtype=DTYPES[dtype],
+      moe=experts.resolve(model_config.get('moe'), arch['depth']),
       **arch)
 
 

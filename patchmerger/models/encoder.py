@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from patchmerger.errors import ConfigError
-from patchmerger.models import reducers, tome
+from patchmerger.models import experts, reducers, tome
 from patchmerger.models.attention import MultiHeadAttention
+from patchmerger.models.mlp import MlpBlock
 from patchmerger.models.posemb import AddPositionEmbs
 
 Dtype = Any
@@ -41,22 +42,6 @@ def block_runs(depth: int, reducer_blocks: Sequence[int]) -> list[tuple[int, int
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-class MlpBlock(nn.Module, kw_only=True):
-  mlp_dim: int
-  dropout_rate: float = 0.
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
-    dense = lambda n, name: nn.Dense(
-        n, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
-    y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
-    y = nn.Dropout(self.dropout_rate)(y, deterministic)
-    y = dense(x.shape[-1], 'Dense_1')(y)
-    return nn.Dropout(self.dropout_rate)(y, deterministic)
-
-
 class Encoder1DBlock(nn.Module, kw_only=True):
   """Pre-LayerNorm transformer block (attention, then MLP, both residual).
 
@@ -73,6 +58,7 @@ class Encoder1DBlock(nn.Module, kw_only=True):
   merge: Optional[tome.BipartiteMerge] = None
   attention: str = 'auto'                  # xla | cudnn | auto (attention.py)
   proportional_attention: bool = True      # Add log(sizes) to the attention logits.
+  moe: Optional[experts.MoeSpec] = None    # Experts (`Moe`) in place of `MlpBlock_3`.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool,
@@ -88,8 +74,12 @@ class Encoder1DBlock(nn.Module, kw_only=True):
     if self.merge is not None:
       x, sizes = self.merge(x, keys, sizes)
     y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                 name='MlpBlock_3')(y, deterministic)
+    if self.moe is None:
+      y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                   name='MlpBlock_3')(y, deterministic)
+    else:
+      y = experts.layer(self.moe, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                        dtype=self.dtype, name='Moe')(y, deterministic)
     return x + y, sizes
 
 
@@ -120,6 +110,7 @@ class Encoder(nn.Module, kw_only=True):
   scan: bool = False
   remat_policy: str = 'none'
   tome_proportional_attention: bool = True  # log(size) added to the attention logits.
+  moe: Optional[experts.MoeSpec] = None     # Blocks moe.layers hold experts.
 
   def _block_type(self) -> Any:
     if self.remat_policy == 'none':
@@ -166,5 +157,6 @@ class Encoder(nn.Module, kw_only=True):
         x, sizes = block(**fields,
                          merge=tome.BipartiteMerge(r, self.has_cls_token) if r else None,
                          proportional_attention=self.tome_proportional_attention,
+                         moe=self.moe if self.moe and i in self.moe.layers else None,
                          name=f'encoderblock_{i}')(x, deterministic, sizes)
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x), sizes

@@ -17,9 +17,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from patchmerger.errors import ConfigError
-from patchmerger.models import reducers
+from patchmerger.models import experts, reducers
 from patchmerger.models.attention import IMPLEMENTATIONS
-from patchmerger.models.encoder import Encoder, MlpBlock, check_remat_policy
+from patchmerger.models.encoder import Encoder, check_remat_policy
+from patchmerger.models.mlp import MlpBlock
 from patchmerger.models.posemb import POSEMBS
 
 Dtype = Any
@@ -103,6 +104,7 @@ class VisionTransformer(nn.Module, kw_only=True):
   remat_policy: str = 'none'               # none | full | encoder.REMAT_POLICIES
   tome_proportional_attention: bool = True
   tome_size_weighted_gap: bool = False     # GAP over patches (sizes) instead of tokens
+  moe: Optional[experts.MoeSpec] = None    # Mixture-of-experts MLPs (models/experts.py)
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
@@ -136,6 +138,16 @@ class VisionTransformer(nn.Module, kw_only=True):
     if self.scan and any(self.tome_r):
       raise ConfigError('model.scan needs blocks of equal token counts; ToMe changes them '
                         'in every block: use scan=False with ToMe.')
+    if self.moe is not None:
+      if self.scan:
+        raise ConfigError('model.moe with model.scan is not supported: a scanned run needs '
+                          'identical blocks; use scan=False with experts.')
+      if self.reducer == 'tome':
+        raise ConfigError('model.moe with ToMe is not supported: ToMe changes the token count '
+                          'in every block, routing groups need a fixed one.')
+      if max(self.moe.layers, default=-1) >= self.depth:
+        raise ConfigError(f'model.moe.layers {self.moe.layers} do not fit a model of depth '
+                          f'{self.depth}.')
     super().__post_init__()
 
   @nn.compact
@@ -172,7 +184,7 @@ class VisionTransformer(nn.Module, kw_only=True):
         merge_normalized=self.merge_normalized, dtype=self.dtype, reducer=self.reducer,
         tome_r=tuple(self.tome_r), attention=self.attention, scan=self.scan,
         remat_policy=self.remat_policy,
-        tome_proportional_attention=self.tome_proportional_attention,
+        tome_proportional_attention=self.tome_proportional_attention, moe=self.moe,
         name='Transformer')(x, deterministic=not train)
 
     if self.classifier == 'token':

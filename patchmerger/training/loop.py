@@ -71,8 +71,9 @@ def log_model(run: setup_lib.Setup, state: Any, start_step: int) -> tuple[dict, 
 def compile_train_step(config: Any, run: setup_lib.Setup) -> Any:
   data_sharding = sharding.batch_sharding(run.mesh)
   return jax.jit(
-      functools.partial(step.train_step, loss=config.loss,
-                        label_smoothing=config.label_smoothing, accum_steps=config.accum_steps),
+      sharding.under_mesh(functools.partial(
+          step.train_step, loss=config.loss, label_smoothing=config.label_smoothing,
+          accum_steps=config.accum_steps), run.mesh),
       in_shardings=(run.state_sharding, data_sharding, sharding.replicated(run.mesh)),
       out_shardings=(run.state_sharding, sharding.replicated(run.mesh)), donate_argnums=0)
 

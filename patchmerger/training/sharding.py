@@ -1,10 +1,14 @@
 """Device mesh, shardings and multi-process start-up.
 
-The mesh has two axes: 'data' (pure data parallelism) and 'fsdp' (data
-parallelism whose devices also split the parameters and optimizer state).
-Batches are split over both axes; parameters are sharded over 'fsdp' only.
+The mesh has three axes: 'data' (pure data parallelism), 'fsdp' (data
+parallelism whose devices also split the parameters and optimizer state) and
+'expert' (data parallelism whose devices also split the experts of MoE layers,
+models/experts.py; size 1 unless config.mesh.expert says otherwise). Batches are
+split over all three; expert weights put their leading E axis on 'expert', and
+large parameters are sharded over 'fsdp'.
 """
 import collections
+import functools
 import logging
 import os
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -15,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from patchmerger.errors import ClusterError, ConfigError
 
-BATCH_AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp', 'expert')
+EXPERT_AXIS = 'expert'  # models/experts.py constrains its buffers to it.
 
 
 # jax's cluster environments that `distributed='auto'` trusts: schedulers and
@@ -138,7 +143,8 @@ def maybe_initialize_distributed(requested: Union[bool, str],
 
 
 def make_mesh(mesh_config: Mapping[str, int]) -> Mesh:
-  """Mesh from {'data': n, 'fsdp': m}; one size may be -1 (all the rest)."""
+  """Mesh from {'data': n, 'fsdp': m, 'expert': e}; one size may be -1 (all the rest),
+  a missing one is 1."""
   num_devices = jax.device_count()
   sizes = {axis: int(mesh_config.get(axis, 1)) for axis in BATCH_AXES}
   unknown = set(mesh_config) - set(BATCH_AXES) - {'fsdp_min_size'}
@@ -165,23 +171,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def is_expert_weight(path: Any) -> bool:
+  """Whether a leaf (of the parameters or of optimizer state that mirrors them) is an
+  MoE layer's stacked expert weight, `.../Moe/Mlp/...` [E, ...]."""
+  keys = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+  return any(a == 'Moe' and b == 'Mlp' for a, b in zip(keys, keys[1:]))
+
+
 def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2 ** 12) -> Any:
-  """Shards each large array's largest dimension divisible by the 'fsdp' axis;
+  """Expert weights put their leading E axis on 'expert'. Besides, each large
+  array's largest dimension divisible by the 'fsdp' axis is sharded over it;
   small or indivisible arrays stay replicated."""
   axis_size = mesh.shape['fsdp']
+  experts = mesh.shape.get(EXPERT_AXIS, 1)
 
-  def spec(leaf):
+  def spec(path, leaf):
     shape = getattr(leaf, 'shape', ())
-    if axis_size == 1 or int(np.prod(shape)) < min_size:
-      return replicated(mesh)
-    for dim in np.argsort(shape)[::-1]:
-      if shape[dim] % axis_size == 0:
-        parts = [None] * len(shape)
-        parts[dim] = 'fsdp'
-        return NamedSharding(mesh, P(*parts))
-    return replicated(mesh)
+    parts = [None] * len(shape)
+    if experts > 1 and is_expert_weight(path) and shape:
+      if shape[0] % experts:
+        raise ConfigError(f'{shape[0]} experts do not split over mesh.expert={experts}: '
+                          'use an expert axis that divides model.moe.num_experts.')
+      parts[0] = EXPERT_AXIS
+    if axis_size > 1 and int(np.prod(shape)) >= min_size:
+      for dim in np.argsort(shape)[::-1]:
+        if parts[dim] is None and shape[dim] % axis_size == 0:
+          parts[dim] = 'fsdp'
+          break
+    return NamedSharding(mesh, P(*parts)) if any(parts) else replicated(mesh)
 
-  return jax.tree.map(spec, tree)
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def under_mesh(fn: Any, mesh: Mesh) -> Any:
+  """`fn`, traced with `mesh` in context: MoE layers read it to send their buffers
+  to the experts' devices (models/experts.run_experts)."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def bytes_per_device(tree: Any) -> int:
