@@ -2,6 +2,7 @@ r"""Exports the parameters of a run's checkpoint in a public layout.
 
   python export.py --workdir=W --to=npz           # W/export/params.npz
   python export.py --workdir=W --to=big_vision    # W/export/big_vision.npz
+  python export.py --workdir=W --to=vmoe          # W/export/vmoe.npz
   python export.py --workdir=W --to=transformers  # W/export/transformers/
 
 `transformers` writes a directory that transformers opens: plain class-token ViTs as its
@@ -23,7 +24,8 @@ from ml_collections import config_flags
 from patchmerger import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory (holds checkpoints/).')
-_TO = flags.DEFINE_enum('to', 'npz', ['npz', 'big_vision', 'transformers'], 'Output layout.')
+_TO = flags.DEFINE_enum('to', 'npz', ['npz', 'big_vision', 'vmoe', 'transformers'],
+                        'Output layout.')
 _OUT = flags.DEFINE_string('out', None, 'Output path; default: WORKDIR/export/<layout>.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the latest.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Export for this resolution (default: '
@@ -33,7 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The run\'s config, for runs without WORKDIR/config.json.')
 flags.mark_flags_as_required(['workdir'])
 
-DEFAULT_NAMES = {'npz': 'params.npz', 'big_vision': 'big_vision.npz',
+DEFAULT_NAMES = {'npz': 'params.npz', 'big_vision': 'big_vision.npz', 'vmoe': 'vmoe.npz',
                  'transformers': 'transformers'}
 
 

@@ -57,16 +57,16 @@ def parse_experts(spec: str) -> dict:
   text = spec.strip().lower()
   if text in ('', 'none', 'off'):
     return dict(kind='none')
-  head, _, where = text.partition('@')
-  kind, _, sizes = head.partition(':')
+  head, at, where = text.partition('@')
+  kind, colon, sizes = head.partition(':')
   fields = dict(kind=kind)
   try:
-    if kind not in ('sparse', 'soft'):
-      raise ValueError
+    if kind not in ('sparse', 'soft') or (at and not where) or (colon and not sizes):
+      raise ValueError  # Also an empty E or WHERE after its ':' or '@'.
     if sizes:
-      experts, _, per = sizes.partition('x')
+      experts, times, per = sizes.partition('x')
       fields['num_experts'] = int(experts)
-      if per:
+      if times:  # int('') refuses an empty K after 'x'.
         fields['num_selected_experts' if kind == 'sparse' else 'num_slots'] = int(per)
     if where:
       fields['layers'] = (tuple(int(b) for b in where.split('+'))

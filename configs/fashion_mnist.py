@@ -28,6 +28,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
   config.init_dont_load = ()             # regexes of parameters to re-initialise
   config.init_strict = True             # refuse weights that leave parameters at init
+  config.init_upcycle = False           # MoE blocks from a dense checkpoint: experts = its MLP
 
   # Data: TFDS `fashion_mnist`, prepared offline from Debian's package on first use.
   config.dataset = 'fashion_mnist'

@@ -23,6 +23,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to start from
   config.init_dont_load = ()             # regexes of parameters to re-initialise
   config.init_strict = True             # refuse weights that leave parameters at init
+  config.init_upcycle = False           # MoE blocks from a dense checkpoint: experts = its MLP
 
   config.dataset = 'imagenet21k'       # TFDS name; prepare it as TFDS documents
   config.data_dir = config_dict.placeholder(str)

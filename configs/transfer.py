@@ -43,6 +43,7 @@ def get_config(arg: str = None) -> ml_collections.ConfigDict:
   config.init_from = config_dict.placeholder(str)  # .npz or run dir to fine-tune
   config.init_dont_load = ('head/.*',)   # A new task: a fresh (zero) head.
   config.init_strict = True             # refuse weights that leave parameters at init
+  config.init_upcycle = False           # MoE blocks from a dense checkpoint: experts = its MLP
 
   config.dataset = arg.dataset
   config.data_dir = config_dict.placeholder(str)

@@ -2,6 +2,8 @@
 
 - `npz`: google-research/vision_transformer's layout (ours), one array per parameter;
 - `big_vision`: big_vision's stacked (scan) layout, loadable by its `vit.load`;
+- `vmoe`: google-research/vmoe's VisionTransformerMoe names (vmoe_layout.py): blocks under
+  `Encoder/` with `SelfAttention`, `Mlp` or `Moe` (experts and router as ours), `MapHead`;
 - `transformers`: a directory that transformers opens (needs torch and transformers):
   plain class-token ViTs as its stock `ViTForImageClassification`; given the model config,
   PatchMergers, TokenLearner, pooling, ToMe, GAP/MAP heads, pre-logits, sincos2d and conv
@@ -20,7 +22,7 @@ from patchmerger.checkpoints import (hf_export, layouts, loading,
                                      model_config as model_config_lib)
 from patchmerger.errors import CheckpointError, ConfigError, MissingDependencyError
 
-FORMATS = ('npz', 'big_vision', 'transformers')
+FORMATS = ('npz', 'big_vision', 'vmoe', 'transformers')
 
 
 def _write_npz(flat: Mapping[str, np.ndarray], path: str) -> None:
@@ -42,6 +44,11 @@ def export_npz(params: Any, path: str) -> None:
 def export_big_vision(params: Any, path: str) -> None:
   """`params` in big_vision's stacked `.npz` layout."""
   _write_npz(layouts.to_big_vision(_canonical(params)), path)
+
+
+def export_vmoe(params: Any, path: str) -> None:
+  """`params` in vmoe's `.npz` layout (the same arrays under its names)."""
+  _write_npz(layouts.to_vmoe(_canonical(params)), path)
 
 
 def transformers_model(params: Any):
@@ -116,6 +123,6 @@ def export(params: Any, fmt: str, out: str, model_config: Optional[Any] = None,
   if fmt == 'transformers':
     export_transformers(params, out, model_config)
   else:
-    {'npz': export_npz, 'big_vision': export_big_vision}[fmt](params, out)
+    {'npz': export_npz, 'big_vision': export_big_vision, 'vmoe': export_vmoe}[fmt](params, out)
   if model_config is not None:
     model_config_lib.write_beside(out, fmt, model_config)

@@ -20,6 +20,8 @@ Our scanned models (`model.scan=True`) stack each run of blocks between reducers
 leading axis under `Transformer/encoderblocks_START/` (blocks START, START+1, ...);
 `unstack_runs` and `stack_runs` convert, so any checkpoint loads into either model.
 
+google-research/vmoe's layout (`Encoder/encoderblock_N/{LayerNorm_0, SelfAttention,
+LayerNorm_1, Mlp | Moe}`, `MapHead`) is renamed by vmoe_layout.py, which holds its table.
 The `transformers` layout (Hugging Face `ViTForImageClassification`) is export-only.
 All functions work on flat dicts {'a/b/c': np.ndarray}.
 """
@@ -29,6 +31,7 @@ from typing import Mapping
 
 import numpy as np
 
+from patchmerger.checkpoints import vmoe_layout
 from patchmerger.errors import CheckpointError
 
 Flat = dict[str, np.ndarray]
@@ -60,9 +63,12 @@ class Layout:
   top_level_posemb: bool = False
   inline_map_head: bool = False
   scanned_runs: bool = False
+  vmoe: bool = False
 
   @property
   def name(self) -> str:
+    if self.vmoe:
+      return vmoe_layout.NAME
     big_vision = (self.per_type_numbering or self.stacked_blocks or self.top_level_posemb
                   or self.inline_map_head or self.params_prefix)
     return 'big_vision' if big_vision else 'vision_transformer'
@@ -93,7 +99,8 @@ def detect(flat: Mapping[str, np.ndarray]) -> Layout:
       stacked_blocks=any(k.startswith(STACKED) for k in keys),
       top_level_posemb='pos_embedding' in keys or 'Transformer/pos_embedding' in keys,
       inline_map_head='probe' in keys,
-      scanned_runs=any(map(_RUN_KEY.match, keys)))
+      scanned_runs=any(map(_RUN_KEY.match, keys)),
+      vmoe=vmoe_layout.detect(keys))
 
 
 def _has_class_token_row(num_tokens: int) -> bool:
@@ -173,6 +180,8 @@ def to_canonical(flat: Mapping[str, np.ndarray]) -> tuple[Flat, Layout]:
   if layout.params_prefix:  # Keep the parameters; drop optimizer state and the like.
     flat = {k.removeprefix('params/'): v for k, v in flat.items() if k.startswith('params/')}
   flat = dict(flat)
+  if layout.vmoe:
+    flat = vmoe_layout.to_canonical(flat)
   if layout.stacked_blocks:
     flat = unstack_blocks(flat)
   if layout.scanned_runs:
@@ -208,6 +217,9 @@ def to_big_vision(flat: Mapping[str, np.ndarray]) -> Flat:
       posemb = posemb[:, 1:]
     flat['pos_embedding'] = posemb
   return flat
+
+
+to_vmoe = vmoe_layout.to_vmoe  # Ours -> vmoe's names (the same arrays).
 
 
 def to_transformers(flat: Mapping[str, np.ndarray]) -> Flat:

@@ -88,6 +88,12 @@ def _batch_axes() -> tuple[str, ...]:
   return tuple(mesh.axis_names) if not mesh.empty else ()
 
 
+def by_group(x: jax.Array) -> jax.Array:
+  """`x` [G, ...] kept split by routing group over every batch axis: routing is local
+  to a group, and without this XLA gathers the gates to shard them by expert."""
+  return _constrain(x, P(_batch_axes() or None))
+
+
 def run_experts(experts: nn.Module, buffers: jax.Array) -> jax.Array:
   """Applies expert e to buffers [G, E, C, D] [:, e] -> [G, E, C, D'].
 
@@ -97,16 +103,16 @@ def run_experts(experts: nn.Module, buffers: jax.Array) -> jax.Array:
   """
   groups, num_experts, slots, dim = buffers.shape
   others = tuple(a for a in _batch_axes() if a != EXPERT_AXIS) or None
-  x = _constrain(jnp.swapaxes(buffers, 0, 1), P(EXPERT_AXIS, others))
+  x = _constrain(jnp.swapaxes(by_group(buffers), 0, 1), P(EXPERT_AXIS, others))
   y = experts(x.reshape(num_experts, groups * slots, dim))
   y = _constrain(y.reshape(num_experts, groups, slots, -1), P(EXPERT_AXIS, others))
-  return _constrain(jnp.swapaxes(y, 0, 1), P(_batch_axes() or None))
+  return by_group(jnp.swapaxes(y, 0, 1))
 
 
 def to_groups(x: jax.Array, group_images: int) -> jax.Array:
   """[batch, N, D] -> [batch / group_images, group_images * N, D]."""
   batch, tokens, dim = x.shape
-  return x.reshape(batch // group_images, group_images * tokens, dim)
+  return by_group(x.reshape(batch // group_images, group_images * tokens, dim))
 
 
 def layer(spec: MoeSpec, *, mlp_dim: int, dropout_rate: float, dtype: Any,

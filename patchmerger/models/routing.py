@@ -28,6 +28,19 @@ def capacity(group_tokens: int, num_experts: int, num_selected: int,
   return raw + (-raw) % CAPACITY_MULTIPLE
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """jax.lax.top_k over the last axis as k rounds of argmax (the same values and
+  indices; ties go to the lower index): XLA partitions these along the leading
+  axes, where it gathers a TopK over all devices."""
+  values, indices = [], []
+  for _ in range(k):
+    index = jnp.argmax(x, axis=-1)
+    values.append(jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0])
+    indices.append(index)
+    x = jnp.where(jax.nn.one_hot(index, x.shape[-1], dtype=jnp.bool_), -jnp.inf, x)
+  return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
 def top_experts_per_token(gates: jax.Array, num_selected: int, capacity_per_expert: int,
                           batch_priority: bool) -> tuple[jax.Array, jax.Array]:
   """(dispatch [S, E, C] bool, combine [S, E, C]) for one group of gates [S, E].
@@ -39,7 +52,7 @@ def top_experts_per_token(gates: jax.Array, num_selected: int, capacity_per_expe
   assignment (not renormalised over the chosen experts).
   """
   num_tokens, num_experts = gates.shape
-  top_gates, experts = jax.lax.top_k(gates, num_selected)  # [S, k]
+  top_gates, experts = top_k(gates, num_selected)  # [S, k]
   order = (jnp.argsort(-top_gates[:, 0]) if batch_priority
            else jnp.arange(num_tokens))
   # Choices laid out choice-major ([k, S] flattened) in priority order, so a running
@@ -65,7 +78,7 @@ def load_loss(logits: jax.Array, noisy_logits: jax.Array, noise_std: float,
   """The squared coefficient of variation of each expert's expected load: the
   probability, over fresh noise, that an expert's logit beats the token's k-th
   highest noisy logit, averaged over tokens."""
-  threshold = jax.lax.top_k(noisy_logits, num_selected)[0][:, -1:]
+  threshold = top_k(noisy_logits, num_selected)[0][:, -1:]
   p_selected = 1. - jax.scipy.stats.norm.cdf((threshold - logits) / noise_std)
   load = p_selected.mean(axis=0)
   return (jnp.std(load) / jnp.mean(load)) ** 2

@@ -88,15 +88,16 @@ class SoftMoe(nn.Module, kw_only=True):
     logits = SoftRouter(num_experts=spec.num_experts, num_slots=slots,
                         noise_std=spec.noise_std, dtype=self.dtype, name='Router')(
                             groups, deterministic)
-    logits = logits.reshape(num_groups, group_tokens, spec.num_experts * slots)
+    logits = experts.by_group(
+        logits.reshape(num_groups, group_tokens, spec.num_experts * slots))
     buffers, dispatch = merge_tokens(logits, groups, self.dtype)  # [G, E * slots, D]
     mlps = experts.expert_mlps(spec.num_experts, self.mlp_dim, self.dropout_rate, self.dtype,
                                deterministic)
     outputs = experts.run_experts(
         mlps, buffers.reshape(num_groups, spec.num_experts, slots, dim))
     combine = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # Over all slots.
-    y = jnp.einsum('gsn,gnd->gsd', combine.astype(self.dtype),
-                   outputs.reshape(num_groups, spec.num_experts * slots, -1))
+    y = experts.by_group(jnp.einsum('gsn,gnd->gsd', combine.astype(self.dtype),
+                                    outputs.reshape(num_groups, spec.num_experts * slots, -1)))
     self.sow('moe', 'combine_weights_max_mean', combine.max(axis=-1).mean())
     self.sow('moe', 'dispatch_weights_max_mean', dispatch.max(axis=1).mean())
     return y.reshape(batch, tokens, -1)

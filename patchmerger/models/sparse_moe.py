@@ -61,17 +61,18 @@ class SparseMoe(nn.Module, kw_only=True):
                                         num_selected=k))(logits, noisy)
       losses['load_loss'] = (spec.load_loss_weight, load)
       logits = noisy
-    gates = jax.nn.softmax(logits)
+    gates = experts.by_group(jax.nn.softmax(logits))
     dispatch, combine = jax.vmap(functools.partial(
         routing.top_experts_per_token, num_selected=k, capacity_per_expert=capacity,
         batch_priority=spec.batch_priority if train else spec.eval_batch_priority))(gates)
 
+    dispatch, combine = experts.by_group(dispatch), experts.by_group(combine)
     buffers = jnp.einsum('gsec,gsd->gecd', dispatch.astype(self.dtype),
                          groups.astype(self.dtype))
     mlps = experts.expert_mlps(num_experts, self.mlp_dim, self.dropout_rate, self.dtype,
                                deterministic)
     outputs = experts.run_experts(mlps, buffers)
-    y = jnp.einsum('gsec,gecd->gsd', combine.astype(self.dtype), outputs)
+    y = experts.by_group(jnp.einsum('gsec,gecd->gsd', combine.astype(self.dtype), outputs))
 
     # As vmoe's _weighted_sum: a loss of weight 0 is left out (its value may be NaN).
     self.sow('moe', 'auxiliary_loss', sum(

@@ -47,7 +47,8 @@ def load_pretrained(config: Any, run: setup_lib.Setup, state: Any) -> tuple[Any,
   model_changes = model_config.warn_if_different(config.init_from, config.model)
   params, report = loading.load_and_adapt(  # to_host: FSDP may span hosts.
       config.init_from, sharding.to_host(state.params), has_cls=run.model.classifier == 'token',
-      dont_load=tuple(config.get('init_dont_load', ())), strict=config.get('init_strict', True))
+      dont_load=tuple(config.get('init_dont_load', ())), strict=config.get('init_strict', True),
+      upcycle=config.get('init_upcycle', False))
   state = state.replace(params=jax.device_put(params, run.state_sharding.params))
   return state, {'init_from': config.init_from, 'model_changes': model_changes} | report.as_dict()
 
