@@ -9,13 +9,19 @@ import numpy as np
 from patchmerger.models.vit import VisionTransformer
 
 
-def count_params(params: Any) -> dict:
-  """Total parameters and the learned reducers' (PatchMerger, TokenLearner) share."""
+def count_params(params: Any, num_selected_experts: int = 1) -> dict:
+  """Total parameters, the learned reducers' (PatchMerger, TokenLearner) share, the
+  experts' (`Moe/Mlp`, all E of every MoE layer) and those active per token: all but
+  the experts, plus `num_selected_experts` of each layer's E experts (sparse: k; soft:
+  each slot goes through one expert)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
-  total = sum(int(np.prod(v.shape)) for v in flat.values())
-  merger = sum(int(np.prod(v.shape)) for k, v in flat.items()
-               if '/patchmerger_' in k or '/tokenlearner_' in k)
-  return dict(total=total, merger=merger)
+  size = lambda v: int(np.prod(v.shape))
+  total = sum(size(v) for v in flat.values())
+  merger = sum(size(v) for k, v in flat.items() if '/patchmerger_' in k or '/tokenlearner_' in k)
+  experts = sum(size(v) for k, v in flat.items() if '/Moe/Mlp/' in k)
+  active = total - experts + sum(size(v) // v.shape[0] * num_selected_experts
+                                 for k, v in flat.items() if '/Moe/Mlp/' in k)
+  return dict(total=total, merger=merger, experts=experts, active=active)
 
 
 def cost_flops(stage: Any) -> float:
@@ -79,7 +85,8 @@ def analytic_gflops(model: VisionTransformer, image_shape: tuple[int, int, int])
 
   Blocks before a merger see N tokens, blocks after it see its M (plus the class
   token, which is carried past mergers). Elementwise work (norms, softmax,
-  GELU) is left out: it is a few percent at ViT widths.
+  GELU) is left out: it is a few percent at ViT widths. An MoE block counts
+  `moe_macs` in place of its MLP.
   """
   height, width, channels = image_shape
   d, p = model.width, model.patch_size
@@ -98,7 +105,11 @@ def analytic_gflops(model: VisionTransformer, image_shape: tuple[int, int, int])
       macs += (1 if model.reducer == 'pool' else 2) * tokens * m * d
       tokens = m
     n = tokens + cls
-    macs += 4 * n * d * d + 2 * n * n * d + 2 * n * d * model.mlp_dim
+    macs += 4 * n * d * d + 2 * n * n * d
+    if model.moe is not None and block in model.moe.layers:
+      macs += moe_macs(model.moe, n, d, model.mlp_dim)
+    else:
+      macs += 2 * n * d * model.mlp_dim
   if model.classifier == 'map':
     n = tokens + cls
     macs += 2 * d * d + 2 * n * d * d + 2 * n * d + 2 * d * model.mlp_dim
@@ -109,9 +120,29 @@ def analytic_gflops(model: VisionTransformer, image_shape: tuple[int, int, int])
   return 2 * macs / 1e9
 
 
+def moe_macs(spec: Any, tokens: int, width: int, mlp_dim: int) -> float:
+  """Multiply-adds per image of one MoE layer at evaluation, as it computes them: a
+  group of `group_images` images (S tokens) fills E buffers of C positions (sparse:
+  the capacity; soft: the slots) through one-hot (sparse) or softmax (soft) weights,
+  every position goes through its expert's MLP, and outputs come back the same way."""
+  from patchmerger.models import routing, soft_moe  # Models import flops' callers.
+  group_tokens = tokens * spec.group_images
+  experts = spec.num_experts
+  if spec.kind == 'sparse':
+    positions = routing.capacity(group_tokens, experts, spec.num_selected_experts,
+                                 spec.eval_capacity_factor)
+  else:
+    positions = soft_moe.num_slots(spec, tokens)
+  router = group_tokens * width * experts * (1 if spec.kind == 'sparse' else positions)
+  moves = 2 * group_tokens * experts * positions * width  # Dispatch and combine.
+  mlps = experts * positions * 2 * width * mlp_dim
+  return (router + moves + mlps) / spec.group_images
+
+
 def report(model: VisionTransformer, image_shape: tuple[int, int, int]) -> Mapping[str, float]:
   """GFLOPs per image and parameter counts of one model."""
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  return dict(gflops=measured_gflops(model, image_shape),
-              **{f'params_{k}': v for k, v in count_params(variables['params']).items()})
+  selected = model.moe.num_selected_experts if getattr(model, 'moe', None) else 1
+  return dict(gflops=measured_gflops(model, image_shape), **{
+      f'params_{k}': v for k, v in count_params(variables['params'], selected).items()})

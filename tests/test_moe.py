@@ -4,6 +4,7 @@ PatchMerger's merge unchanged, parameter names, and the `model.moe` config."""
 import functools
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,15 +74,25 @@ def expert_params(stacked: dict, e: int) -> dict:
   return jax.tree.map(lambda a: np.asarray(a[e]), stacked)
 
 
-def random_experts(params: dict, seed: int) -> dict:
-  """Every expert's MLP weights drawn afresh (they start equal): distinct experts."""
-  leaves, tree = jax.tree.flatten(params['Mlp'])
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [0.3 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)]
-  return dict(params, Mlp=jax.tree.unflatten(tree, new))
+def random_params(module: nn.Module, x: jax.Array, seed: int, scale: float = 0.3) -> dict:
+  """The module's parameter tree (from an abstract init: no compile) with every entry
+  drawn from N(0, scale^2), so that experts, biases and routers are all distinct."""
+  shapes = jax.eval_shape(functools.partial(module.init, deterministic=True),
+                          jax.random.key(0), x)['params']
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype),
+                      shapes)
 
 
-_route = jax.jit(routing.top_experts_per_token, static_argnums=(1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _route_both(gates, k, capacity):
+  """top_experts_per_token without and with batch priority: one compile for both."""
+  return {priority: routing.top_experts_per_token(gates, k, capacity, priority)
+          for priority in (False, True)}
+
+
+def _route(gates, k, capacity, batch_priority):
+  return _route_both(jnp.asarray(gates), k, capacity)[batch_priority]
 
 
 def _random_gates(rng, num_tokens, num_experts, scale=2.):
@@ -99,8 +110,8 @@ def test_routing_equals_brute_force_reference_on_random_cases():
     k = int(rng.integers(1, min(3, num_experts) + 1))
     capacity = int(rng.integers(1, max(2, math.ceil(num_tokens * k / num_experts)) + 1))
     gates = _random_gates(rng, num_tokens, num_experts)
-    for batch_priority in (False, True):
-      dispatch, combine = _route(jnp.asarray(gates), k, capacity, batch_priority)
+    routed = _route_both(jnp.asarray(gates), k, capacity)
+    for batch_priority, (dispatch, combine) in routed.items():
       assert dispatch.shape == combine.shape == (num_tokens, num_experts, capacity)
       expected = reference_positions(gates, k, capacity, batch_priority)
       np.testing.assert_array_equal(positions_of(dispatch), expected,
@@ -188,12 +199,13 @@ def test_auxiliary_losses_equal_numpy(tokens, num_experts, k):
   noisy = (logits + noise_std * rng.standard_normal(logits.shape)).astype(np.float32)
   gates = softmax(logits, -1).astype(np.float32)
 
-  importance = routing.importance_loss(jnp.asarray(gates))
+  importance = jax.jit(routing.importance_loss)(jnp.asarray(gates))
   expected_importance = _cv2(gates.astype(np.float64).sum(0))
   assert expected_importance > 1e-4  # Not a degenerate zero.
   np.testing.assert_allclose(float(importance), expected_importance, rtol=1e-4)
 
-  load = routing.load_loss(jnp.asarray(logits), jnp.asarray(noisy), noise_std, k)
+  load = jax.jit(routing.load_loss, static_argnums=(2, 3))(
+      jnp.asarray(logits), jnp.asarray(noisy), noise_std, k)
   threshold = np.array([sorted(row, reverse=True)[k - 1] for row in noisy.astype(np.float64)])
   p = 1. - stats.norm.cdf((threshold[:, None] - logits.astype(np.float64)) / noise_std)
   expected_load = _cv2(p.mean(0))
@@ -216,12 +228,10 @@ def test_sparse_moe_of_identical_experts_with_all_selected_is_the_dense_mlp(dete
   num_experts, dim, hidden = 4, 16, 32
   x = jax.random.normal(jax.random.key(1), (4, 6, dim))
   dense = MlpBlock(mlp_dim=hidden)
-  dense_params = dense.init(jax.random.key(2), x, True)['params']
-  dense_params = jax.tree.map(  # Non-trivial biases too.
-      lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape), dense_params)
+  dense_params = random_params(dense, x, seed=2)  # Non-trivial biases too.
   moe = sparse_moe.SparseMoe(spec=_sparse_spec(num_experts, num_experts, 4., 2),
                              mlp_dim=hidden)
-  params = moe.init(jax.random.key(4), x, True)['params']
+  params = random_params(moe, x, seed=4)
   tiled = jax.tree.map(lambda a: jnp.tile(a[None], (num_experts,) + (1,) * a.ndim),
                        dense_params)
   assert jax.tree.map(jnp.shape, tiled) == jax.tree.map(jnp.shape, params['Mlp'])
@@ -250,7 +260,7 @@ def test_sparse_moe_with_drops_equals_the_reference(batch_priority):
   # Groups of 2 images, 16 tokens: capacity ceil(16 * 2 * 0.5 / 4) = 4 of 32 assignments.
   moe = sparse_moe.SparseMoe(spec=_sparse_spec(num_experts, k, .5, 2, batch_priority),
                              mlp_dim=hidden)
-  params = random_experts(moe.init(jax.random.key(6), x, True)['params'], seed=7)
+  params = random_params(moe, x, seed=7)
   params['Router']['dense']['kernel'] = 2. * params['Router']['dense']['kernel']
   y, state = jax.jit(functools.partial(moe.apply, deterministic=True, mutable=['moe']))(
       {'params': params}, x)
@@ -283,7 +293,7 @@ def test_soft_moe_weights_are_convex_and_match_the_formulas(monkeypatch):
   num_experts, slots, dim, hidden, tokens = 4, 2, 16, 24, 6
   x = jax.random.normal(jax.random.key(8), (2, tokens, dim))
   moe = soft_moe.SoftMoe(spec=_soft_spec(num_experts, slots), mlp_dim=hidden)
-  params = random_experts(moe.init(jax.random.key(9), x, True)['params'], seed=10)
+  params = random_params(moe, x, seed=10)
   params['Router']['scale'] = jnp.asarray(3.)  # Not 1: the scale must be used.
 
   captured = {}
@@ -330,7 +340,7 @@ def test_soft_moe_weights_are_convex_and_match_the_formulas(monkeypatch):
 def test_soft_moe_is_permutation_equivariant_within_an_image():
   x = jax.random.normal(jax.random.key(11), (2, 9, 16))
   moe = soft_moe.SoftMoe(spec=_soft_spec(4, 2), mlp_dim=24)
-  params = random_experts(moe.init(jax.random.key(12), x, True)['params'], seed=13)
+  params = random_params(moe, x, seed=13)
   apply = jax.jit(lambda inputs: moe.apply({'params': params}, inputs, True))
   perm = np.random.default_rng(0).permutation(9)
   y, y_perm = np.asarray(apply(x)), np.asarray(apply(x[:, perm]))
@@ -383,9 +393,8 @@ def _tiny_model_config(spec: str = 'none'):
 def _shapes(model_config):
   model = build_model(model_config, 10)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
-  return {'/'.join(k): v.shape for k, v in
-          jax.tree_util.tree_flatten_with_path(variables['params'])[0]
-          for k in [tuple(p.key for p in k)]}
+  flat = flax.traverse_util.flatten_dict(variables['params'], sep='/')
+  return {name: value.shape for name, value in flat.items()}
 
 
 @pytest.mark.parametrize('spec,moe_blocks,router', [

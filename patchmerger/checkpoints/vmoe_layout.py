@@ -69,8 +69,8 @@ def to_canonical(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def to_vmoe(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Ours (blocks unstacked) -> vmoe's names, for a VisionTransformerMoe with the same
-  logits: `encoder.moe.layers` are the blocks with `Moe`, and its router's kind and
-  options are the run's `model.moe`."""
+  """Ours (blocks unstacked) -> vmoe's names, the same arrays. A VisionTransformerMoe
+  reading them needs `encoder.moe.layers` = the blocks with `Moe`, and its router's kind
+  and options from the run's `model.moe` (the weights do not hold them)."""
   return {_rename(k, _invert(PREFIXES), _invert(BLOCK_PARTS), _invert(MAP_HEAD_PARTS)): v
           for k, v in flat.items()}

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from patchmerger.errors import ConfigError
-from patchmerger.models import experts, reducers, tome
+from patchmerger.models import experts, reducers, soft_moe, sparse_moe, tome
 from patchmerger.models.attention import MultiHeadAttention
 from patchmerger.models.mlp import MlpBlock
 from patchmerger.models.posemb import AddPositionEmbs
@@ -40,6 +40,17 @@ def block_runs(depth: int, reducer_blocks: Sequence[int]) -> list[tuple[int, int
   between two, after the last (a reducer before block 0 starts the first run)."""
   bounds = sorted({0, depth} | {b for b in reducer_blocks if 0 < b < depth})
   return list(zip(bounds[:-1], bounds[1:]))
+
+
+def moe_layer(spec: experts.MoeSpec, *, mlp_dim: int, dropout_rate: float, dtype: Any,
+              name: str = 'Moe') -> nn.Module:
+  """The mixture of experts of `spec.kind` in place of a block's MLP."""
+  kinds = {'sparse': sparse_moe.SparseMoe, 'soft': soft_moe.SoftMoe}
+  if spec.kind not in kinds:
+    raise ConfigError(f'model.moe.kind {spec.kind!r} has no layer; expected one of '
+                      f'{", ".join(experts.KINDS)}.')
+  return kinds[spec.kind](spec=spec, mlp_dim=mlp_dim, dropout_rate=dropout_rate, dtype=dtype,
+                          name=name)
 
 
 class Encoder1DBlock(nn.Module, kw_only=True):
@@ -78,8 +89,8 @@ class Encoder1DBlock(nn.Module, kw_only=True):
       y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
                    name='MlpBlock_3')(y, deterministic)
     else:
-      y = experts.layer(self.moe, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                        dtype=self.dtype, name='Moe')(y, deterministic)
+      y = moe_layer(self.moe, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                    dtype=self.dtype, name='Moe')(y, deterministic)
     return x + y, sizes
 
 

@@ -2,8 +2,9 @@
 (MoeSpec), the experts themselves (ExpertMlps) and how their buffers move between
 devices when the mesh has an `expert` axis.
 
-Two kinds sit behind one interface, `layer(spec, ...)`, each a module `Moe` called
-as moe(x [batch, tokens, D], deterministic) -> (y, metrics):
+Two kinds sit behind one interface, each a module `Moe` (encoder.moe_layer picks it)
+called as moe(x [batch, tokens, D], deterministic) -> y, sowing its metrics into the
+'moe' collection:
 - `sparse` (sparse_moe.py): V-MoE, top-k experts per token under a capacity;
 - `soft` (soft_moe.py): Soft MoE, every slot a convex combination of the tokens.
 Both route tokens in groups of `group_images` whole images, so a block after a
@@ -113,17 +114,6 @@ def to_groups(x: jax.Array, group_images: int) -> jax.Array:
   """[batch, N, D] -> [batch / group_images, group_images * N, D]."""
   batch, tokens, dim = x.shape
   return by_group(x.reshape(batch // group_images, group_images * tokens, dim))
-
-
-def layer(spec: MoeSpec, *, mlp_dim: int, dropout_rate: float, dtype: Any,
-          name: str = 'Moe') -> nn.Module:
-  """The MoE module of `spec.kind`, in place of a block's MLP."""
-  from patchmerger.models import soft_moe, sparse_moe  # They import this module.
-  kinds = {'sparse': sparse_moe.SparseMoe, 'soft': soft_moe.SoftMoe}
-  if spec.kind not in kinds:
-    raise ConfigError(f"model.moe.kind {spec.kind!r} has no layer; expected one of {KINDS}.")
-  return kinds[spec.kind](spec=spec, mlp_dim=mlp_dim, dropout_rate=dropout_rate, dtype=dtype,
-                          name=name)
 
 
 # `model.moe` fields left None take their kind's default: vmoe's V-MoE paper configs

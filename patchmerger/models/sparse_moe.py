@@ -79,6 +79,7 @@ class SparseMoe(nn.Module, kw_only=True):
         (w * jnp.mean(v) for w, v in losses.values() if w > 0), jnp.zeros(())))
     for name, (_, value) in losses.items():
       self.sow('moe', name, jnp.mean(value))
+    assignments = groups.shape[0] * groups.shape[1] * k  # Counted exactly, in integers.
     self.sow('moe', 'dropped_fraction',
-             1. - dispatch.sum(dtype=jnp.float32) / (groups.shape[0] * groups.shape[1] * k))
+             (assignments - dispatch.sum(dtype=jnp.int32)).astype(jnp.float32) / assignments)
     return y.reshape(batch, tokens, -1)

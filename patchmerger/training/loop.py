@@ -56,7 +56,8 @@ def load_pretrained(config: Any, run: setup_lib.Setup, state: Any) -> tuple[Any,
 def log_model(run: setup_lib.Setup, state: Any, start_step: int) -> tuple[dict, float]:
   """Logs the parameters (on a fresh start) and the model's size; returns the parameter
   counts and GFLOPs per image."""
-  counts = flops.count_params(state.params)
+  moe = run.model.moe
+  counts = flops.count_params(state.params, moe.num_selected_experts if moe else 1)
   gflops = flops.measured_gflops(run.model, run.image_shape)
   if start_step == 0:
     # Arrays on several hosts: statistics computed by a jitted collective (all processes).
@@ -66,6 +67,9 @@ def log_model(run: setup_lib.Setup, state: Any, start_step: int) -> tuple[dict, 
   logging.info('Model: %s params (%d in mergers, %.3f%%), %.4f GFLOPs/image, mergers %s',
                f'{counts["total"]:,}', counts['merger'],
                100 * counts['merger'] / counts['total'], gflops, run.model.mergers)
+  if moe:
+    logging.info('Experts (%s, layers %s): %s of the parameters; %s active per token',
+                 moe.kind, moe.layers, f'{counts["experts"]:,}', f'{counts["active"]:,}')
   return counts, gflops
 
 
