@@ -120,6 +120,10 @@ def export(params: Any, fmt: str, out: str, model_config: Optional[Any] = None,
     if model_config is None:
       raise ConfigError('Exporting for another image size needs the run\'s model config.')
     params = resized(_canonical(params), model_config, image_size)
+  moe_blocks = sorted({k.split('/')[1] for k in _canonical(params) if '/Moe/' in k})
+  if moe_blocks and fmt in ('transformers', 'big_vision'):
+    raise CheckpointError(f'--to={fmt} has no mixtures of experts, and this model has them in '
+                          f'{", ".join(moe_blocks)}: export it with --to=vmoe or --to=npz.')
   if fmt == 'transformers':
     export_transformers(params, out, model_config)
   else:

@@ -6,6 +6,7 @@ run's whole config to WORKDIR/config.json, every export writes the model section
 beside the weights (`<name>.model.json` next to an `.npz`, `patchmerger_model.json`
 in a transformers directory), and loading compares it with the model that reads them.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ TRANSFORMERS_FILE = 'patchmerger_model.json'
 # What decides the computation, as the built VisionTransformer holds it.
 ARCHITECTURE = ('patch_size', 'width', 'depth', 'mlp_dim', 'num_heads', 'classifier', 'posemb',
                 'conv_stem', 'representation_size', 'merge_normalized', 'reducer', 'mergers',
-                'tome_r', 'tome_proportional_attention', 'tome_size_weighted_gap')
+                'tome_r', 'tome_proportional_attention', 'tome_size_weighted_gap', 'moe')
 
 
 def _as_dict(model_config: Any) -> dict:
@@ -78,8 +79,12 @@ def architecture(model_config: Any) -> dict:
   resolved, merger placements as (before_block, num_tokens), ToMe's schedule per block)."""
   config = _as_dict(model_config) | {'attention': 'xla'}  # Any machine can describe it.
   model = build_model(config, num_classes=1)
-  value = lambda v: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(
-      v, (tuple, list)) else v
+  def value(v):
+    if dataclasses.is_dataclass(v):  # The experts' MoeSpec.
+      return {k: list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(v).items()}
+    if isinstance(v, (tuple, list)):
+      return [list(x) if isinstance(x, tuple) else x for x in v]
+    return v
   return {name: value(getattr(model, name)) for name in ARCHITECTURE}
 
 

@@ -136,6 +136,19 @@ def check_batch(config: Any) -> None:
   input_pipeline.check_shards(config.input, config.batch_size, jax.process_count())
 
 
+def check_experts(config: Any, moe: Any) -> None:
+  """Routing groups against the (micro-)batch, experts against the mesh's expert axis."""
+  micro_batch = config.batch_size // config.accum_steps
+  if micro_batch % moe.group_images:
+    raise ConfigError(f'batch_size {config.batch_size} / accum_steps {config.accum_steps} = '
+                      f'{micro_batch} images do not split into routing groups of '
+                      f'model.moe.group_images={moe.group_images}.')
+  experts = int(config.mesh.get('expert', 1))
+  if experts > 1 and moe.num_experts % experts:
+    raise ConfigError(f'model.moe.num_experts={moe.num_experts} does not split over '
+                      f'mesh.expert={experts}: use an expert axis that divides it.')
+
+
 def validate(config: Any) -> None:
   """Ranges, batch and mesh arithmetic, `init_from` (read-only) and the model built
   abstractly: bad settings fail with one clear line before any data or compute."""
@@ -145,6 +158,8 @@ def validate(config: Any) -> None:
   if config.get('init_from'):
     loading.check_source(config.init_from)
   model = build_model(config.model, config.num_classes)
+  if model.moe is not None:
+    check_experts(config, model.moe)
   if model.reducer == 'tome' and not any(model.tome_r):
     reducer = config.model.reducer
     raise ConfigError(f'model.reducer.kind=tome merges nothing with r={reducer.get("r")!r}, '
