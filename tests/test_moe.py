@@ -507,3 +507,28 @@ def test_cli_refuses_a_bad_experts_spec_in_one_line(tmp_path):
   assert code != 0 and len(lines) == 1, stderr[-2000:]
   assert lines[0].startswith("error: Bad experts spec 'dense:4'"), lines
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize('kind', ['sparse', 'soft'])
+def test_rematerialised_blocks_give_the_same_gradients_and_metrics(kind):
+  fields = dict(variant='Ti/8', width=32, depth=2, mlp_dim=64, num_heads=2, classifier='gap',
+                merger=None, moe=dict(kind=kind, num_experts=4, layers=(1,), group_images=2))
+  images = jax.random.normal(jax.random.key(3), (4, 16, 16, 1))
+
+  def gradients(model, params):
+    def loss(p):
+      logits, state = model.apply({'params': p}, images, train=True, mutable=['moe'],
+                                  rngs={'dropout': jax.random.key(1), 'gating': jax.random.key(2)})
+      aux, metrics = experts.summarise(state['moe'])
+      return logits.sum() + aux, metrics
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  plain = build_model(fields, 10)
+  params = plain.init(jax.random.key(0), images[:1])['params']
+  expected, expected_metrics = gradients(plain, params)
+  got, metrics = gradients(build_model(dict(fields, remat_policy='full'), 10), params)
+  assert metrics.keys() == expected_metrics.keys() and len(metrics) >= 3
+  for key in metrics:
+    np.testing.assert_allclose(metrics[key], expected_metrics[key], rtol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
