@@ -23,11 +23,11 @@ assignments dropped. Writes WORKDIR/results.csv, capacity.csv, results.md and
 results.png. Finished runs and evaluations are kept and skipped when run again.
 """
 import csv
-import json
 import os
 
 from absl import app, flags, logging
 
+from benchmarks import runs
 from configs import fashion_mnist
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the runs.', required=True)
@@ -53,22 +53,7 @@ SWEEP_COLUMNS = ('method', 'seed', 'eval_capacity_factor', 'eval_batch_priority'
 def experiment_config(method: str, seed: int):
   merger, experts = METHODS[method]
   config = fashion_mnist.get_config(f'merger={merger},experts={experts},steps={_STEPS.value}')
-  config.seed = seed
-  config.lr.warmup_steps = _STEPS.value // 10
-  config.evals.test.every = _STEPS.value
-  config.checkpoint_every = _STEPS.value
-  config.keep_checkpoints = 1
-  return config
-
-
-def _cached(path: str, compute) -> dict:
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  result = compute()
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
-  return result
+  return runs.at_equal_steps(config, _STEPS.value, seed)
 
 
 def _dropped(result: dict) -> float:
@@ -101,10 +86,10 @@ def main(argv):
       builder = builder or local.ensure_prepared(config.dataset, config.data_dir)
       workdir = os.path.join(root, f'{method}_seed{seed}')
       logging.info('Training %s', workdir)
-      _cached(os.path.join(workdir, 'train_result.json'), lambda: {
+      runs.cached(os.path.join(workdir, 'train_result.json'), lambda: {
           k: v for k, v in loop.train_and_evaluate(config, workdir, builder).items()
           if isinstance(v, (int, float))})
-      result = _cached(os.path.join(workdir, 'eval_result.json'),
+      result = runs.cached(os.path.join(workdir, 'eval_result.json'),
                        lambda: evaluate(config, workdir))
       rows.append(dict(method=method, seed=seed, test_accuracy=result['test/accuracy'],
                        gflops_per_image=result['gflops'], params_total=result['params_total'],
@@ -118,7 +103,7 @@ def main(argv):
           config.model.moe.eval_capacity_factor = factor
           config.model.moe.eval_batch_priority = priority
           path = os.path.join(workdir, f'eval_c{factor}_bpr{int(priority)}.json')
-          result = _cached(path, lambda: evaluate(config, workdir))
+          result = runs.cached(path, lambda: evaluate(config, workdir))
           sweep.append(dict(method=method, seed=seed, eval_capacity_factor=factor,
                             eval_batch_priority=priority,
                             test_accuracy=result['test/accuracy'],

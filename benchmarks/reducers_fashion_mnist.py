@@ -21,13 +21,12 @@ results.png (test accuracy against inference images/s). Finished runs and
 evaluations are kept and skipped when the command runs again.
 """
 import csv
-import json
 import os
 
 
 from absl import app, flags, logging
 
-from benchmarks import throughput
+from benchmarks import runs, throughput
 from configs import fashion_mnist
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the runs.', required=True)
@@ -55,22 +54,7 @@ def experiment_config(kind: str, seed: int, r: int = 0, trained: bool = True):
   config.model.reducer.r = r
   if kind == 'tome' and trained:
     config.model.reducer.proportional_attention = _TRAIN_TOME_PROPORTIONAL.value
-  config.seed = seed
-  config.lr.warmup_steps = _STEPS.value // 10  # The default 200 would fill a short run.
-  config.evals.test.every = _STEPS.value
-  config.checkpoint_every = _STEPS.value
-  config.keep_checkpoints = 1
-  return config
-
-
-def _cached(path: str, compute) -> dict:
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  result = compute()
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
-  return result
+  return runs.at_equal_steps(config, _STEPS.value, seed)
 
 
 def inference_rate(config) -> float:
@@ -108,10 +92,10 @@ def main(argv):
       builder = builder or local.ensure_prepared(config.dataset, config.data_dir)
       workdir = os.path.join(root, f'{kind}_seed{seed}')
       logging.info('Training %s', workdir)
-      summary = _cached(os.path.join(workdir, 'train_result.json'), lambda: {
+      summary = runs.cached(os.path.join(workdir, 'train_result.json'), lambda: {
           k: v for k, v in loop.train_and_evaluate(config, workdir, builder).items()
           if isinstance(v, (int, float))})
-      evaluation = _cached(os.path.join(workdir, 'eval_result.json'),
+      evaluation = runs.cached(os.path.join(workdir, 'eval_result.json'),
                            lambda: evaluate(config, workdir))
       rows.append(dict(method=kind, trained='yes', seed=seed,
                        r=_TRAIN_TOME_R.value if kind == 'tome' else '',
@@ -123,7 +107,7 @@ def main(argv):
       config = experiment_config('tome', seed, r, trained=False)
       workdir = os.path.join(root, f'tome_untrained_r{r}_seed{seed}')
       os.makedirs(workdir, exist_ok=True)
-      evaluation = _cached(os.path.join(workdir, 'eval_result.json'), lambda: evaluate(
+      evaluation = runs.cached(os.path.join(workdir, 'eval_result.json'), lambda: evaluate(
           config, workdir, source=os.path.join(root, f'none_seed{seed}')))
       rows.append(dict(method='tome', trained='no (plain model)', r=r, seed=seed,
                        test_accuracy=evaluation['test/accuracy'],

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from patchmerger.models import routing, soft_moe
 from patchmerger.models.vit import VisionTransformer
 
 
@@ -125,7 +126,6 @@ def moe_macs(spec: Any, tokens: int, width: int, mlp_dim: int) -> float:
   group of `group_images` images (S tokens) fills E buffers of C positions (sparse:
   the capacity; soft: the slots) through one-hot (sparse) or softmax (soft) weights,
   every position goes through its expert's MLP, and outputs come back the same way."""
-  from patchmerger.models import routing, soft_moe  # Models import flops' callers.
   group_tokens = tokens * spec.group_images
   experts = spec.num_experts
   if spec.kind == 'sparse':

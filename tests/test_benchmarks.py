@@ -179,3 +179,37 @@ experiment.write({str(tmp_path)!r}, rows)
   assert '| tome | no (plain model) | 8 | 79.00% | 79.00% | 0.0150 | - | 2500 |' in table
   assert len((tmp_path / 'results.csv').read_text().splitlines()) == 4
   assert (tmp_path / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_experts_experiment_configs_and_tables(tmp_path):
+  script = f'''
+from absl import flags
+from benchmarks import experts_fashion_mnist as experiment
+from patchmerger.models import build_model
+flags.FLAGS(['experiment', '--workdir={tmp_path}', '--steps=50'])
+for method in experiment.METHODS:
+  config = experiment.experiment_config(method, seed=1)
+  model = build_model(config.model, config.num_classes)
+  print(method, config.seed, config.total_steps, config.lr.warmup_steps,
+        config.evals.test.every, model.mergers, model.moe and (model.moe.kind, model.moe.layers))
+row = lambda method, seed, accuracy, dropped: dict(
+    method=method, seed=seed, test_accuracy=accuracy, gflops_per_image=0.03, params_total=1000,
+    params_experts=600, params_active=700, dropped_fraction=dropped)
+sweep = [dict(method='sparse', seed=s, eval_capacity_factor=1.0, eval_batch_priority=True,
+              test_accuracy=a, dropped_fraction=0.1, gflops_per_image=0.03)
+         for s, a in ((0, 0.8), (1, 0.9))]
+experiment.write({str(tmp_path)!r}, [row('sparse', 0, 0.80, 0.1), row('sparse', 1, 0.90, 0.3)],
+                 sweep)
+'''
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert "plain 1 50 5 50 () None" in lines
+  assert "patchmerger+sparse 1 50 5 50 ((1, 8),) ('sparse', (1, 3))" in lines
+  assert "soft 1 50 5 50 () ('soft', (1, 3))" in lines
+  table = (tmp_path / 'results.md').read_text()
+  assert '| sparse | 80.00%, 90.00% | 85.00% | 0.0300 | 1,000 | 600 | 700 | 20.0% |' in table
+  assert '| sparse | 1.0 | yes | 85.00% | 10.0% | 0.0300 |' in table
+  assert len((tmp_path / 'capacity.csv').read_text().splitlines()) == 3
+  assert (tmp_path / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

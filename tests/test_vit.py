@@ -190,7 +190,7 @@ def test_modules_refuse_positional_fields():
   modules = {cls for lib in libs for cls in vars(lib).values()
              if isinstance(cls, type) and issubclass(cls, flax.linen.Module)
              and cls is not flax.linen.Module}
-  assert len(modules) == 15  # 10, plus ExpertMlp, Router, SparseMoe, SoftRouter, SoftMoe.
+  assert len(modules) == 16  # 10, plus MoeLayer, ExpertMlp, Router, SparseMoe, SoftRouter, SoftMoe.
   for cls in modules:
     with pytest.raises(TypeError, match='takes 1 positional argument but 2 were given'):
       cls(1)

@@ -116,11 +116,12 @@ def export(params: Any, fmt: str, out: str, model_config: Optional[Any] = None,
   `image_size` (needs the model config) exports for another resolution."""
   if fmt not in FORMATS:
     raise ConfigError(f'--to must be one of {", ".join(FORMATS)}, got {fmt!r}')
+  params = _canonical(params)  # Once: every writer below takes the flat dict as it is.
   if image_size:
     if model_config is None:
       raise ConfigError('Exporting for another image size needs the run\'s model config.')
-    params = resized(_canonical(params), model_config, image_size)
-  moe_blocks = sorted({k.split('/')[1] for k in _canonical(params) if '/Moe/' in k})
+    params = resized(params, model_config, image_size)
+  moe_blocks = sorted({k.split('/')[1] for k in params if '/Moe/' in k})
   if moe_blocks and fmt in ('transformers', 'big_vision'):
     raise CheckpointError(f'--to={fmt} has no mixtures of experts, and this model has them in '
                           f'{", ".join(moe_blocks)}: export it with --to=vmoe or --to=npz.')

@@ -76,6 +76,25 @@ def expert_mlps(num_experts: int, mlp_dim: int, dropout_rate: float, dtype: Any,
                  deterministic=deterministic, name=name)
 
 
+class MoeLayer(nn.Module, kw_only=True):
+  """What the MoE layers (sparse_moe.SparseMoe, soft_moe.SoftMoe) share: their fields,
+  the grouping of the tokens and the stacked experts."""
+  spec: MoeSpec
+  mlp_dim: int
+  dropout_rate: float = 0.
+  dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def groups(self, x: jax.Array) -> jax.Array:
+    """[batch, N, D] -> [groups, group_images * N, D]."""
+    return to_groups(x, self.spec.group_size(x.shape[0]))
+
+  @nn.nowrap
+  def expert_mlps(self, deterministic: bool) -> nn.Module:
+    return expert_mlps(self.spec.num_experts, self.mlp_dim, self.dropout_rate, self.dtype,
+                       deterministic)
+
+
 def _constrain(x: jax.Array, spec: P) -> jax.Array:
   """A sharding constraint when the mesh in context splits experts; else `x`."""
   mesh = jax.sharding.get_abstract_mesh()

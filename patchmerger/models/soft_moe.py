@@ -70,19 +70,15 @@ class SoftRouter(nn.Module, kw_only=True):
     return logits
 
 
-class SoftMoe(nn.Module, kw_only=True):
+class SoftMoe(experts.MoeLayer, kw_only=True):
   """[batch, N, D] -> [batch, N, D]. Sows the mean over tokens of the largest combine
   weight and over slots of the largest dispatch weight into the 'moe' collection."""
-  spec: experts.MoeSpec
-  mlp_dim: int
-  dropout_rate: float = 0.
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
     spec = self.spec
     batch, tokens, dim = x.shape
-    groups = experts.to_groups(x, spec.group_size(batch))  # [G, S, D]
+    groups = self.groups(x)  # [G, S, D]
     num_groups, group_tokens, _ = groups.shape
     slots = num_slots(spec, tokens)
     logits = SoftRouter(num_experts=spec.num_experts, num_slots=slots,
@@ -91,10 +87,8 @@ class SoftMoe(nn.Module, kw_only=True):
     logits = experts.by_group(
         logits.reshape(num_groups, group_tokens, spec.num_experts * slots))
     buffers, dispatch = merge_tokens(logits, groups, self.dtype)  # [G, E * slots, D]
-    mlps = experts.expert_mlps(spec.num_experts, self.mlp_dim, self.dropout_rate, self.dtype,
-                               deterministic)
-    outputs = experts.run_experts(
-        mlps, buffers.reshape(num_groups, spec.num_experts, slots, dim))
+    outputs = experts.run_experts(self.expert_mlps(deterministic),
+                                  buffers.reshape(num_groups, spec.num_experts, slots, dim))
     combine = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # Over all slots.
     y = experts.by_group(jnp.einsum('gsn,gnd->gsd', combine.astype(self.dtype),
                                     outputs.reshape(num_groups, spec.num_experts * slots, -1)))

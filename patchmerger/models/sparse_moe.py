@@ -31,21 +31,17 @@ class Router(nn.Module, kw_only=True):
     return nn.Dense(self.num_experts, use_bias=False, dtype=self.dtype, name='dense')(x)
 
 
-class SparseMoe(nn.Module, kw_only=True):
+class SparseMoe(experts.MoeLayer, kw_only=True):
   """[batch, N, D] -> [batch, N, D]. Sows into the 'moe' collection: the auxiliary
   loss (weighted importance and load losses, mean over groups) and the fraction of
   token-expert assignments dropped at capacity."""
-  spec: experts.MoeSpec
-  mlp_dim: int
-  dropout_rate: float = 0.
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
     spec = self.spec
     num_experts, k = spec.num_experts, spec.num_selected_experts
     batch, tokens, dim = x.shape
-    groups = experts.to_groups(x, spec.group_size(batch))  # [G, S, D]
+    groups = self.groups(x)  # [G, S, D]
     train = not deterministic
     capacity = routing.capacity(groups.shape[1], num_experts, k,
                                 spec.capacity_factor if train else spec.eval_capacity_factor)
@@ -69,9 +65,7 @@ class SparseMoe(nn.Module, kw_only=True):
     dispatch, combine = experts.by_group(dispatch), experts.by_group(combine)
     buffers = jnp.einsum('gsec,gsd->gecd', dispatch.astype(self.dtype),
                          groups.astype(self.dtype))
-    mlps = experts.expert_mlps(num_experts, self.mlp_dim, self.dropout_rate, self.dtype,
-                               deterministic)
-    outputs = experts.run_experts(mlps, buffers)
+    outputs = experts.run_experts(self.expert_mlps(deterministic), buffers)
     y = experts.by_group(jnp.einsum('gsec,gecd->gsd', combine.astype(self.dtype), outputs))
 
     # As vmoe's _weighted_sum: a loss of weight 0 is left out (its value may be NaN).
